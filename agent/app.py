@@ -1,0 +1,216 @@
+"""Composition root: builds adapters from Settings, owns the node state, runs the root tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.adapters.deviceplugin import DevicePluginServer, DevicePluginServicer
+from agent.adapters.kubelet import PluginLifecycle
+from agent.adapters.sysfs import SysfsHost, SysfsWriter
+from agent.config import Config, ResourceConfig, parse_config
+from agent.core.discovery import Resolution, resolve_pfs
+from agent.core.inventory import NodeState, allocate, build_view, preferred_allocation
+from agent.errors import AllocationError, ConfigError, SysfsError
+from agent.logs import ctx
+from agent.model import ContainerAllocation, PfInfo, ResourceView
+from agent.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class ViewHub:
+    """The latest ResourceView per resource, with a version that ListAndWatch streams wait on."""
+
+    def __init__(self) -> None:
+        self.views: dict[str, ResourceView] = {}
+        self.versions: dict[str, int] = {}
+        self._cond = asyncio.Condition()
+
+    def current(self, resource: str) -> tuple[int, ResourceView]:
+        return self.versions.get(resource, 0), self.views.get(resource, ResourceView(resource))
+
+    async def publish(self, view: ResourceView) -> bool:
+        """Store a view; wake watchers only if it differs from the last one."""
+        if self.views.get(view.resource_name) == view:
+            return False
+        self.views[view.resource_name] = view
+        self.versions[view.resource_name] = self.versions.get(view.resource_name, 0) + 1
+        async with self._cond:
+            self._cond.notify_all()
+        return True
+
+    async def changed(self, resource: str, after: int) -> tuple[int, ResourceView]:
+        async with self._cond:
+            await self._cond.wait_for(lambda: self.versions.get(resource, 0) != after)
+        return self.current(resource)
+
+
+@dataclass
+class Allocation:
+    """The agent's own record of an Allocate call (fallback when PodResources is unreachable)."""
+
+    device: str
+    resource: str
+    at: float
+
+
+class ResourceBackend:
+    """PluginBackend for one resource, reading the agent's shared state."""
+
+    def __init__(self, agent: Agent, resource: ResourceConfig) -> None:
+        self.agent = agent
+        self.resource = resource
+
+    def current(self) -> tuple[int, ResourceView]:
+        return self.agent.hub.current(self.resource.resource_name)
+
+    async def changed(self, after_version: int) -> tuple[int, ResourceView]:
+        return await self.agent.hub.changed(self.resource.resource_name, after_version)
+
+    def allocate(self, ids: Sequence[str]) -> ContainerAllocation:
+        _, view = self.current()
+        result = allocate(self.resource, ids, view, self.agent.node, self.agent.sysfs.dev_path_exists)
+        self.agent.write_devinfo(result)
+        now = time.time()
+        for dev_id in ids:
+            self.agent.allocations[dev_id] = Allocation(dev_id, self.resource.resource_name, now)
+        return result
+
+    def preferred(self, available: Sequence[str], must_include: Sequence[str], size: int) -> list[str]:
+        _, view = self.current()
+        return preferred_allocation(available, must_include, size, view)
+
+
+RootTask = Callable[["Agent"], Awaitable[None]]
+
+
+@dataclass
+class Agent:
+    settings: Settings
+    config: Config
+    sysfs: SysfsHost
+    hub: ViewHub = field(default_factory=ViewHub)
+    node: NodeState = field(default_factory=lambda: NodeState({}))
+    resolution: Resolution = field(default_factory=lambda: Resolution((), ()))
+    allocations: dict[str, Allocation] = field(default_factory=dict)
+    lifecycles: dict[str, PluginLifecycle] = field(default_factory=dict)
+    extra_tasks: list[RootTask] = field(default_factory=list)
+    started_at: float = field(default_factory=time.monotonic)
+    _scan_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _run_task: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------ state
+    def in_pod(self) -> set[str]:
+        return set(self.allocations)
+
+    def resolve(self) -> Resolution:
+        pci = self.sysfs.list_pci()
+        names = {pf.selector.pf_name for _, pf in self.config.all_pfs() if pf.selector.pf_name}
+        owners = {n: self.sysfs.netdev_pci_address(n) for n in names}
+        res = resolve_pfs(self.config, pci, owners)
+        for problem in res.problems:
+            if problem not in self.resolution.problems:
+                log.error("%s", problem, extra=ctx("discover"))
+        return res
+
+    def scan(self) -> tuple[Resolution, NodeState]:
+        """Read every configured PF and its VFs from sysfs (blocking file reads; fast)."""
+        res = self.resolve()
+        pfs: dict[str, PfInfo] = {}
+        for m in res.matches:
+            try:
+                pfs[m.pci_address] = self.sysfs.read_pf(m.pci_address)
+            except SysfsError as e:
+                log.error("cannot read PF: %s", e, extra=ctx("discover", m.pci_address, errno=e.errno))
+        return res, NodeState(pfs)
+
+    async def rescan(self, reason: str = "") -> None:
+        """Re-read the node and push any change to the kubelet at once."""
+        async with self._scan_lock:
+            res, node = self.scan()
+            self.resolution, self.node = res, node
+            in_pod = self.in_pod()
+            for resource in self.config.resources:
+                pfs = [node.pfs[m.pci_address] for m in res.for_resource(resource.resource_name)
+                       if m.pci_address in node.pfs]
+                view = build_view(resource, pfs, in_pod)
+                old = self.hub.views.get(resource.resource_name)
+                if await self.hub.publish(view):
+                    self._log_transitions(old, view, reason)
+
+    def _log_transitions(self, old: ResourceView | None, new: ResourceView, reason: str) -> None:
+        before = old.by_id() if old else {}
+        after = new.by_id()
+        for dev_id, d in after.items():
+            prev = before.get(dev_id)
+            if prev is None:
+                log.info("device added (%s)", d.health.value,
+                         extra=ctx("device-add", dev_id, resource=new.resource_name, reason=d.reason or reason or None))
+            elif prev.health != d.health:
+                log.warning("device %s -> %s", prev.health.value, d.health.value,
+                            extra=ctx("health", dev_id, resource=new.resource_name, reason=d.reason or reason or None))
+        for dev_id in before.keys() - after.keys():
+            log.info("device removed", extra=ctx("device-remove", dev_id, resource=new.resource_name))
+
+    def write_devinfo(self, alloc: ContainerAllocation) -> None:
+        """Device-info files for Multus, written at Allocate, mode 0444 (as the community plugin)."""
+        d = Path(self.settings.devinfo_dir)
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            for name, content in alloc.devinfo.items():
+                path = d / name
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
+                try:
+                    os.write(fd, content.encode())
+                finally:
+                    os.close(fd)
+        except OSError as e:
+            raise AllocationError(",".join(alloc.devinfo), f"cannot write device-info file in {d}: {e}") from e
+
+    # ------------------------------------------------------------ running
+    async def run(self, ready: asyncio.Event | None = None) -> None:
+        self._run_task = asyncio.current_task()
+        await self.rescan("startup")
+        async with asyncio.TaskGroup() as tg:
+            for resource in self.config.resources:
+                backend = ResourceBackend(self, resource)
+                servicer = DevicePluginServicer(resource.resource_name, backend)
+                sock = os.path.join(self.settings.device_plugin_dir, resource.socket_name)
+                lifecycle = PluginLifecycle(self.settings.device_plugin_dir, resource.resource_name,
+                                            DevicePluginServer(sock, servicer))
+                self.lifecycles[resource.resource_name] = lifecycle
+                tg.create_task(lifecycle.run(), name=f"plugin-{resource.resource_name}")
+            for task in self.extra_tasks:
+                tg.create_task(task(self))
+            if ready is not None:
+                ready.set()
+
+    async def shutdown(self) -> None:
+        """Stop serving and remove our sockets. VFs are never touched on the way out."""
+        task = self._run_task
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+def load_config(path: str) -> Config:
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError("--config", path, f"cannot read: {e.strerror}") from e
+    return parse_config(text)
+
+
+def build_agent(settings: Settings, config: Config, writer: SysfsWriter | None = None) -> Agent:
+    sysfs = SysfsHost(settings.sysfs_root, dev_root=settings.dev_root, writer=writer)
+    return Agent(settings=settings, config=config, sysfs=sysfs)

@@ -1,0 +1,284 @@
+"""The agent's config file: a frozen tree parsed and validated in one place.
+
+Canonical form (YAML)::
+
+    resources:
+      - resourceName: nvidia.com/cx7_qsfp
+        pfs:
+          - pfName: enP2p1s0f0np0      # or pciAddress: "0002:01:00.0", or vendor: "15b3" + device: "1021"
+            numVfs: 4
+
+Every error names the dotted field path and the value, so an operator can fix the ConfigMap
+from the log line alone.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import yaml
+
+from agent.errors import ConfigError
+from agent.model import is_pci_address
+
+# Kubelet accepts extended resources "<domain>/<name>"; the domain may not be kubernetes.io.
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_QUALIFIED_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+_HEX_ID = re.compile(r"^(0x)?[0-9a-fA-F]{4}$")
+_IFNAME = re.compile(r"^[^/\s:]{1,15}$")
+_DRIVER = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+
+# PCIe SR-IOV caps TotalVFs at 65535; mlx5 firmware at 127 per PF on CX-7. 2048 is a sane bound
+# that still catches typos such as 40000.
+MAX_NUM_VFS = 2048
+MIN_MTU = 68
+MAX_MTU = 65535
+
+MacPolicy = Literal["keep", "stable"]
+LinkState = Literal["auto", "enable", "disable"]
+
+
+@dataclass(frozen=True)
+class PfSelector:
+    """Exactly one way of naming a PF."""
+
+    pf_name: str | None = None
+    pci_address: str | None = None
+    vendor: str | None = None  # 4 hex digits, lower case, no 0x
+    device: str | None = None
+
+    def describe(self) -> str:
+        if self.pf_name:
+            return f"pfName={self.pf_name}"
+        if self.pci_address:
+            return f"pciAddress={self.pci_address}"
+        return f"vendor={self.vendor},device={self.device}"
+
+
+@dataclass(frozen=True)
+class VfSettings:
+    """Per-VF settings applied through netlink on the PF. None means: leave the kernel's value."""
+
+    mac: MacPolicy = "keep"
+    trust: bool | None = None
+    spoofchk: bool | None = None
+    link_state: LinkState | None = None
+    vlan: int | None = None
+    qos: int | None = None
+    min_tx_rate: int | None = None  # Mbit/s, as the kernel's IFLA_VF_RATE
+    max_tx_rate: int | None = None
+    mtu: int | None = None
+
+
+@dataclass(frozen=True)
+class PfConfig:
+    """Desired state of one PF."""
+
+    selector: PfSelector
+    num_vfs: int | None  # None only when externally managed and not given
+    externally_managed: bool = False
+    vf_driver: str | None = None
+    drivers_autoprobe: bool | None = None
+    mtu: int | None = None
+    vf: VfSettings = VfSettings()
+
+
+@dataclass(frozen=True)
+class ResourceConfig:
+    resource_name: str
+    pfs: tuple[PfConfig, ...]
+    rdma: bool = True  # devices need an RDMA device to be healthy and get /dev/infiniband specs
+
+    @property
+    def socket_name(self) -> str:
+        """The device-plugin socket file, named like the community plugin's (nvidia.com_cx7_qsfp.sock)."""
+        return self.resource_name.replace("/", "_") + ".sock"
+
+    @property
+    def env_name(self) -> str:
+        """PCIDEVICE_<RESOURCE>: upper-cased, every non-alphanumeric turned into '_'."""
+        return "PCIDEVICE_" + re.sub(r"[^A-Za-z0-9]", "_", self.resource_name).upper()
+
+
+@dataclass(frozen=True)
+class Config:
+    resources: tuple[ResourceConfig, ...]
+
+    def all_pfs(self) -> tuple[tuple[ResourceConfig, PfConfig], ...]:
+        return tuple((r, p) for r in self.resources for p in r.pfs)
+
+
+def parse_config(text: str) -> Config:
+    """Parse YAML text into a validated Config, or raise ConfigError naming the bad field."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "?"
+        raise ConfigError("<file>", where, f"not valid YAML: {getattr(e, 'problem', e)}") from e
+    return config_from_obj(raw)
+
+
+def config_from_obj(raw: object) -> Config:
+    root = _mapping(raw, "<root>", allowed={"version", "resources"})
+    version = root.get("version", "v1")
+    if version != "v1":
+        raise ConfigError("version", version, "only 'v1' is supported")
+    res_raw = root.get("resources")
+    if not isinstance(res_raw, list) or not res_raw:
+        raise ConfigError("resources", res_raw, "must be a non-empty list")
+    resources = tuple(_resource(r, f"resources[{i}]") for i, r in enumerate(res_raw))
+
+    names: dict[str, str] = {}
+    pf_owner: dict[str, str] = {}
+    for i, res in enumerate(resources):
+        where = f"resources[{i}].resourceName"
+        if res.resource_name in names:
+            raise ConfigError(where, res.resource_name, f"duplicate of {names[res.resource_name]}")
+        names[res.resource_name] = where
+        for j, pf in enumerate(res.pfs):
+            key = pf.selector.describe()
+            path = f"resources[{i}].pfs[{j}]"
+            if key in pf_owner:
+                raise ConfigError(path, key, f"the same PF is already claimed by {pf_owner[key]}")
+            pf_owner[key] = path
+    return Config(resources=resources)
+
+
+def _resource(raw: object, path: str) -> ResourceConfig:
+    m = _mapping(raw, path, allowed={"resourceName", "pfs", "rdma"})
+    name = m.get("resourceName")
+    _check_resource_name(name, f"{path}.resourceName")
+    assert isinstance(name, str)
+    pfs_raw = m.get("pfs")
+    if not isinstance(pfs_raw, list) or not pfs_raw:
+        raise ConfigError(f"{path}.pfs", pfs_raw, "must be a non-empty list of PFs")
+    pfs = tuple(_pf(p, f"{path}.pfs[{j}]") for j, p in enumerate(pfs_raw))
+    rdma = _opt_bool(m, "rdma", path)
+    return ResourceConfig(resource_name=name, pfs=pfs, rdma=True if rdma is None else rdma)
+
+
+_PF_KEYS = {
+    "pfName", "pciAddress", "vendor", "device", "numVfs", "externallyManaged", "vfDriver",
+    "driversAutoprobe", "mtu", "vfMtu", "mac", "trust", "spoofchk", "linkState", "vlan", "qos",
+    "minTxRate", "maxTxRate",
+}
+
+
+def _pf(raw: object, path: str) -> PfConfig:
+    m = _mapping(raw, path, allowed=_PF_KEYS)
+    selector = _selector(m, path)
+    ext = _opt_bool(m, "externallyManaged", path) or False
+    num_vfs = _opt_int(m, "numVfs", path, 0, MAX_NUM_VFS)
+    if num_vfs is None and not ext:
+        raise ConfigError(f"{path}.numVfs", None, "is required unless externallyManaged is true")
+    vf_driver = m.get("vfDriver")
+    if vf_driver is not None and (not isinstance(vf_driver, str) or not _DRIVER.match(vf_driver)):
+        raise ConfigError(f"{path}.vfDriver", vf_driver, "must be a kernel driver name such as mlx5_core")
+    mac = m.get("mac", "keep")
+    if mac not in ("keep", "stable"):
+        raise ConfigError(f"{path}.mac", mac, "must be 'keep' or 'stable'")
+    link_state = m.get("linkState")
+    if link_state is not None and link_state not in ("auto", "enable", "disable"):
+        raise ConfigError(f"{path}.linkState", link_state, "must be one of auto, enable, disable")
+    vlan = _opt_int(m, "vlan", path, 0, 4094)
+    qos = _opt_int(m, "qos", path, 0, 7)
+    if qos is not None and vlan is None:
+        raise ConfigError(f"{path}.qos", qos, "needs vlan to be set")
+    min_rate = _opt_int(m, "minTxRate", path, 0, 10_000_000)
+    max_rate = _opt_int(m, "maxTxRate", path, 0, 10_000_000)
+    if min_rate and max_rate and min_rate > max_rate:
+        raise ConfigError(f"{path}.minTxRate", min_rate, f"is above maxTxRate {max_rate}")
+    vf = VfSettings(
+        mac=mac,
+        trust=_opt_bool(m, "trust", path),
+        spoofchk=_opt_bool(m, "spoofchk", path),
+        link_state=link_state,
+        vlan=vlan,
+        qos=qos,
+        min_tx_rate=min_rate,
+        max_tx_rate=max_rate,
+        mtu=_opt_int(m, "vfMtu", path, MIN_MTU, MAX_MTU),
+    )
+    return PfConfig(
+        selector=selector,
+        num_vfs=num_vfs,
+        externally_managed=ext,
+        vf_driver=vf_driver,
+        drivers_autoprobe=_opt_bool(m, "driversAutoprobe", path),
+        mtu=_opt_int(m, "mtu", path, MIN_MTU, MAX_MTU),
+        vf=vf,
+    )
+
+
+def _selector(m: dict[str, Any], path: str) -> PfSelector:
+    given = [k for k in ("pfName", "pciAddress", "vendor") if k in m]
+    if "device" in m and "vendor" not in m:
+        raise ConfigError(f"{path}.device", m["device"], "needs vendor as well")
+    if len(given) != 1:
+        raise ConfigError(path, sorted(given), "name the PF exactly one way: pfName, pciAddress, or vendor+device")
+    if "pfName" in m:
+        name = m["pfName"]
+        if not isinstance(name, str) or not _IFNAME.match(name):
+            raise ConfigError(f"{path}.pfName", name, "must be a network interface name (1-15 chars, no '/', ':' or space)")
+        return PfSelector(pf_name=name)
+    if "pciAddress" in m:
+        addr = m["pciAddress"]
+        if not isinstance(addr, str) or not is_pci_address(addr.lower()):
+            raise ConfigError(f"{path}.pciAddress", addr, "must be a full PCI address like 0000:01:00.0 (quote it in YAML)")
+        return PfSelector(pci_address=addr.lower())
+    vendor, device = m.get("vendor"), m.get("device")
+    for key, val in (("vendor", vendor), ("device", device)):
+        if not isinstance(val, str) or not _HEX_ID.match(val):
+            raise ConfigError(f"{path}.{key}", val, "must be 4 hex digits as a string, e.g. \"15b3\"")
+    assert isinstance(vendor, str) and isinstance(device, str)
+    return PfSelector(vendor=_hex(vendor), device=_hex(device))
+
+
+def _hex(text: str) -> str:
+    return text.lower().removeprefix("0x")
+
+
+def _check_resource_name(name: object, path: str) -> None:
+    if not isinstance(name, str):
+        raise ConfigError(path, name, "must be a string like nvidia.com/cx7_qsfp")
+    domain, sep, short = name.partition("/")
+    if not sep or not domain or not short:
+        raise ConfigError(path, name, "must be '<domain>/<name>', e.g. nvidia.com/cx7_qsfp")
+    if len(domain) > 253 or not _DNS_SUBDOMAIN.match(domain):
+        raise ConfigError(path, name, "the domain part must be a lower-case DNS subdomain")
+    if domain == "kubernetes.io" or domain.endswith(".kubernetes.io"):
+        raise ConfigError(path, name, "kubernetes.io is reserved; extended resources need another domain")
+    if len(short) > 63 or not _QUALIFIED_NAME.match(short):
+        raise ConfigError(path, name, "the name part must be 1-63 chars of [A-Za-z0-9_.-], alphanumeric at both ends")
+
+
+def _mapping(raw: object, path: str, allowed: set[str]) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise ConfigError(path, raw, "must be a mapping")
+    for key in raw:
+        if key not in allowed:
+            raise ConfigError(f"{path}.{key}", raw[key], f"unknown field; allowed: {', '.join(sorted(allowed))}")
+    return raw
+
+
+def _opt_bool(m: dict[str, Any], key: str, path: str) -> bool | None:
+    val = m.get(key)
+    if val is None:
+        return None
+    if not isinstance(val, bool):
+        raise ConfigError(f"{path}.{key}", val, "must be true or false")
+    return val
+
+
+def _opt_int(m: dict[str, Any], key: str, path: str, lo: int, hi: int) -> int | None:
+    val = m.get(key)
+    if val is None:
+        return None
+    if isinstance(val, bool) or not isinstance(val, int):
+        raise ConfigError(f"{path}.{key}", val, "must be a whole number")
+    if not lo <= val <= hi:
+        raise ConfigError(f"{path}.{key}", val, f"must be between {lo} and {hi}")
+    return val

@@ -1,0 +1,69 @@
+"""Which PFs the config names, decided from plain listings of the host (no I/O)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from agent.config import Config, PfConfig, ResourceConfig
+from agent.model import PciDevice
+
+
+@dataclass(frozen=True)
+class PfMatch:
+    resource: ResourceConfig
+    pf: PfConfig
+    pci_address: str
+
+
+@dataclass(frozen=True)
+class Resolution:
+    matches: tuple[PfMatch, ...]
+    problems: tuple[str, ...]  # one sentence per selector that matched nothing or clashed
+
+    def for_resource(self, name: str) -> tuple[PfMatch, ...]:
+        return tuple(m for m in self.matches if m.resource.resource_name == name)
+
+
+def resolve_pfs(config: Config, pci: Sequence[PciDevice], netdev_owner: Mapping[str, str | None]) -> Resolution:
+    """Map every PF selector to PCI addresses.
+
+    ``netdev_owner`` maps each configured pfName to the PCI address behind it (None when the
+    interface does not exist). A PF claimed twice (say by name and by vendor id) keeps its
+    first claim; the second is reported, never silently merged.
+    """
+    by_addr = {d.pci_address: d for d in pci}
+    claimed: dict[str, str] = {}
+    matches: list[PfMatch] = []
+    problems: list[str] = []
+    for res, pf in config.all_pfs():
+        sel = pf.selector
+        addrs: list[str]
+        if sel.pf_name is not None:
+            owner = netdev_owner.get(sel.pf_name)
+            if owner is None:
+                problems.append(f"{res.resource_name}: PF {sel.describe()}: no such network interface on this node")
+                continue
+            addrs = [owner]
+        elif sel.pci_address is not None:
+            if sel.pci_address not in by_addr:
+                problems.append(f"{res.resource_name}: PF {sel.describe()}: no such PCI device on this node")
+                continue
+            addrs = [sel.pci_address]
+        else:
+            addrs = [d.pci_address for d in pci
+                     if d.vendor == sel.vendor and d.device == sel.device and d.physfn is None]
+            if not addrs:
+                problems.append(f"{res.resource_name}: PF {sel.describe()}: no physical function with that id")
+                continue
+        for addr in addrs:
+            dev = by_addr.get(addr)
+            if dev is not None and dev.physfn is not None:
+                problems.append(f"{res.resource_name}: PF {sel.describe()}: {addr} is a VF of {dev.physfn}, not a PF")
+                continue
+            if addr in claimed:
+                problems.append(f"{res.resource_name}: PF {sel.describe()}: {addr} is already used by {claimed[addr]}")
+                continue
+            claimed[addr] = f"{res.resource_name} ({sel.describe()})"
+            matches.append(PfMatch(res, pf, addr))
+    return Resolution(tuple(matches), tuple(problems))

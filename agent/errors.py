@@ -1,0 +1,70 @@
+"""The agent's own error types; adapters translate library and OS errors into these."""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+
+
+class AgentError(Exception):
+    """Base of every error the agent raises on purpose."""
+
+
+class ConfigError(AgentError):
+    """An invalid config: names the field (a dotted path) and the offending value."""
+
+    def __init__(self, field: str, value: object, reason: str) -> None:
+        self.field = field
+        self.value = value
+        self.reason = reason
+        super().__init__(f"config: {field}: {reason} (got {value!r})")
+
+
+class SysfsError(AgentError):
+    """A sysfs read or write failed; carries the path and errno so callers branch on errno."""
+
+    def __init__(self, path: str, errno: int, op: str = "read", hint: str = "") -> None:
+        self.path = path
+        self.errno = errno
+        self.op = op
+        self.hint = hint
+        name = _errno.errorcode.get(errno, str(errno))
+        msg = f"{op} {path}: {name} ({os.strerror(errno)})"
+        super().__init__(f"{msg}; {hint}" if hint else msg)
+
+
+class DeviceNotFoundError(AgentError):
+    """A device named in config or a request does not exist on this node."""
+
+    def __init__(self, device: str, detail: str = "") -> None:
+        self.device = device
+        super().__init__(f"device {device}: not found{': ' + detail if detail else ''}")
+
+
+class AllocationError(AgentError):
+    """An Allocate/PreStart request names a device we cannot hand out."""
+
+    def __init__(self, device: str, reason: str) -> None:
+        self.device = device
+        self.reason = reason
+        super().__init__(f"device {device}: {reason}")
+
+
+class KubeletRegistrationError(AgentError):
+    """Registration with the kubelet failed (not up yet, or it rejected us)."""
+
+    def __init__(self, socket: str, reason: str) -> None:
+        self.socket = socket
+        self.reason = reason
+        super().__init__(f"register with kubelet at {socket}: {reason}")
+
+
+class NetlinkOpError(AgentError):
+    """A netlink request failed; carries the operation, the link and the errno code."""
+
+    def __init__(self, op: str, link: str, code: int) -> None:
+        self.op = op
+        self.link = link
+        self.code = code
+        name = _errno.errorcode.get(code, str(code))
+        super().__init__(f"netlink {op} on {link}: {name} ({os.strerror(code)})")

@@ -1,0 +1,164 @@
+"""Plain frozen values describing what the agent sees on a node. No I/O here."""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+
+PCI_ADDRESS_RE = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
+
+# RDMA port state numbers as the kernel prints them in ports/N/state ("4: ACTIVE").
+IB_PORT_ACTIVE = 4
+# Physical port state 5 is "LinkUp" in ports/N/phys_state.
+IB_PHYS_LINK_UP = 5
+
+
+def is_pci_address(text: str) -> bool:
+    return PCI_ADDRESS_RE.match(text) is not None
+
+
+class Health(enum.Enum):
+    """Device health in the kubelet's own words (deviceplugin constants.go)."""
+
+    HEALTHY = "Healthy"
+    UNHEALTHY = "Unhealthy"
+
+
+@dataclass(frozen=True)
+class RdmaPort:
+    """One port of an RDMA device, from /sys/class/infiniband/<dev>/ports/<n>/."""
+
+    number: int
+    state: int
+    state_name: str
+    phys_state: int
+    phys_state_name: str
+    link_layer: str
+    rate: str
+
+    @property
+    def active(self) -> bool:
+        return self.state == IB_PORT_ACTIVE
+
+
+@dataclass(frozen=True)
+class RdmaDevice:
+    """An RDMA (verbs) device such as mlx5_4 and the char devices userspace needs."""
+
+    name: str
+    ports: tuple[RdmaPort, ...] = ()
+    uverbs: str | None = None  # e.g. "uverbs4", from /sys/class/infiniband_verbs/uverbsN/ibdev
+    umad: tuple[str, ...] = ()  # e.g. ("umad4",)
+    issm: tuple[str, ...] = ()  # e.g. ("issm4",)
+    node_guid: str = ""
+
+    @property
+    def all_ports_active(self) -> bool:
+        return bool(self.ports) and all(p.active for p in self.ports)
+
+
+@dataclass(frozen=True)
+class NetdevInfo:
+    """A network interface as sysfs shows it in the host network namespace."""
+
+    name: str
+    operstate: str  # "up", "down", "lowerlayerdown", "unknown", ...
+    carrier: bool | None  # None when the kernel refuses to say (interface admin-down)
+    mtu: int
+    ifindex: int
+    mac: str = ""
+    speed_mbps: int | None = None  # None when unknown (-1) or link down
+
+
+@dataclass(frozen=True)
+class VfInfo:
+    """One virtual function. ``netdev`` is None when sriov-cni moved it into a pod: that is normal."""
+
+    pci_address: str
+    index: int  # N of physfn/virtfnN
+    pf_pci_address: str
+    vendor: str = ""
+    device: str = ""
+    driver: str | None = None  # None when unbound
+    netdev: NetdevInfo | None = None
+    rdma: RdmaDevice | None = None
+    numa_node: int = -1  # -1: the platform reports no NUMA affinity
+
+
+@dataclass(frozen=True)
+class PfInfo:
+    """A physical function and the VFs it currently has."""
+
+    pci_address: str
+    vendor: str
+    device: str
+    driver: str | None
+    netdev: NetdevInfo | None
+    numa_node: int
+    sriov_totalvfs: int | None  # None: the device has no SR-IOV capability
+    sriov_numvfs: int
+    vfs: tuple[VfInfo, ...] = ()
+    rdma: RdmaDevice | None = None
+    sriov_drivers_autoprobe: bool | None = None
+    eswitch_mode: str | None = None  # "legacy" / "switchdev" when devlink tells us
+
+    @property
+    def sriov_capable(self) -> bool:
+        return self.sriov_totalvfs is not None
+
+    @property
+    def name(self) -> str:
+        """Human name for logs: the netdev if the PF has one, else its PCI address."""
+        return self.netdev.name if self.netdev else self.pci_address
+
+
+@dataclass(frozen=True)
+class PciDevice:
+    """The minimum discovery needs to pick PFs by vendor/device id."""
+
+    pci_address: str
+    vendor: str  # "15b3" (no 0x)
+    device: str  # "1021"
+    physfn: str | None  # set for VFs
+    netdevs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DeviceStatus:
+    """A VF as the kubelet sees it: its ID, health and why."""
+
+    id: str
+    health: Health
+    numa_node: int
+    pf_pci_address: str
+    reason: str = ""  # empty when healthy; a short phrase otherwise ("PF enp1s0 has no carrier")
+
+
+@dataclass(frozen=True)
+class ResourceView:
+    """Everything served for one extended resource at one moment."""
+
+    resource_name: str
+    devices: tuple[DeviceStatus, ...] = ()
+
+    def by_id(self) -> dict[str, DeviceStatus]:
+        return {d.id: d for d in self.devices}
+
+
+@dataclass(frozen=True)
+class DeviceSpecOut:
+    """A host device node handed to a container (DeviceSpec in the kubelet API)."""
+
+    host_path: str
+    container_path: str
+    permissions: str = "rw"
+
+
+@dataclass(frozen=True)
+class ContainerAllocation:
+    """What Allocate returns for one container; the adapter turns it into protobuf."""
+
+    envs: dict[str, str] = field(default_factory=dict)
+    devices: tuple[DeviceSpecOut, ...] = ()
+    devinfo: dict[str, str] = field(default_factory=dict)  # file name -> JSON content

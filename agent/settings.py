@@ -1,0 +1,41 @@
+"""Process settings: command-line flags, each also settable by an environment variable.
+
+Precedence is flag > environment > default, resolved only in cli.py. The names here are a
+contract with operators and the DaemonSet manifests: extend, never rename.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ENV_PREFIX = "SRIOV_RDMA_AGENT_"
+
+DEFAULT_CONFIG = "/etc/sriov-rdma-agent/config.yaml"  # inside the container: a mounted ConfigMap
+DEFAULT_DEVICE_PLUGIN_DIR = "/var/lib/kubelet/device-plugins"
+DEFAULT_DEVINFO_DIR = "/var/run/k8s.cni.cncf.io/devinfo/dp"
+DEFAULT_POD_RESOURCES_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
+# 9808 is the port the SR-IOV network metrics exporter uses; users replacing it keep their scrape config.
+DEFAULT_METRICS_ADDRESS = "0.0.0.0:9808"
+DEFAULT_HEALTH_ADDRESS = "0.0.0.0:9809"
+KUBELET_SOCKET_NAME = "kubelet.sock"
+
+
+@dataclass(frozen=True)
+class Settings:
+    config: str = DEFAULT_CONFIG
+    sysfs_root: str = "/"
+    dev_root: str = "/"
+    device_plugin_dir: str = DEFAULT_DEVICE_PLUGIN_DIR
+    devinfo_dir: str = DEFAULT_DEVINFO_DIR
+    pod_resources_socket: str = DEFAULT_POD_RESOURCES_SOCKET
+    metrics_address: str = DEFAULT_METRICS_ADDRESS
+    health_address: str = DEFAULT_HEALTH_ADDRESS
+    log_format: str = "text"  # "text" or "json"
+    log_level: str = "info"
+    node_name: str = ""  # from the downward API (spec.nodeName); seeds stable VF MACs
+    dry_run: bool = False
+
+
+def env_name(flag: str) -> str:
+    """--device-plugin-dir -> SRIOV_RDMA_AGENT_DEVICE_PLUGIN_DIR."""
+    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
