@@ -21,6 +21,7 @@ from agent.errors import AllocationError, ConfigError, SysfsError
 from agent.logs import ctx
 from agent.model import ContainerAllocation, PfInfo, ResourceView
 from agent.settings import Settings
+from agent.stats import Stats
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ class Agent:
     allocations: dict[str, Allocation] = field(default_factory=dict)
     lifecycles: dict[str, PluginLifecycle] = field(default_factory=dict)
     extra_tasks: list[RootTask] = field(default_factory=list)
+    stats: Stats = field(default_factory=Stats)
     started_at: float = field(default_factory=time.monotonic)
     _scan_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _run_task: asyncio.Task[None] | None = None
@@ -186,13 +188,20 @@ class Agent:
                 servicer = DevicePluginServicer(resource.resource_name, backend)
                 sock = os.path.join(self.settings.device_plugin_dir, resource.socket_name)
                 lifecycle = PluginLifecycle(self.settings.device_plugin_dir, resource.resource_name,
-                                            DevicePluginServer(sock, servicer))
+                                            DevicePluginServer(sock, servicer),
+                                            on_registered=self._registered_counter(resource.resource_name))
                 self.lifecycles[resource.resource_name] = lifecycle
                 tg.create_task(lifecycle.run(), name=f"plugin-{resource.resource_name}")
             for task in self.extra_tasks:
                 tg.create_task(task(self))
             if ready is not None:
                 ready.set()
+
+    def _registered_counter(self, resource: str) -> Callable[[bool], None]:
+        def on_registered(ok: bool) -> None:
+            if ok:
+                self.stats.inc("kubelet_registrations", resource=resource)
+        return on_registered
 
     async def shutdown(self) -> None:
         """Stop serving and remove our sockets. VFs are never touched on the way out."""
