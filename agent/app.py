@@ -7,15 +7,16 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from agent.adapters.deviceplugin import DevicePluginServer, DevicePluginServicer
 from agent.adapters.kubelet import PluginLifecycle
 from agent.adapters.sysfs import SysfsHost, SysfsWriter
 from agent.config import Config, ResourceConfig, parse_config
-from agent.core.discovery import Resolution, resolve_pfs
+from agent.core.discovery import Resolution, pf_problem, resolve_pfs
 from agent.core.inventory import NodeState, allocate, build_view, preferred_allocation
 from agent.errors import AllocationError, ConfigError, SysfsError
 from agent.logs import ctx
@@ -89,7 +90,7 @@ class ResourceBackend:
         return preferred_allocation(available, must_include, size, view)
 
 
-RootTask = Callable[["Agent"], Awaitable[None]]
+RootTask = Callable[["Agent"], Coroutine[Any, Any, None]]
 
 
 @dataclass
@@ -116,22 +117,31 @@ class Agent:
         pci = self.sysfs.list_pci()
         names = {pf.selector.pf_name for _, pf in self.config.all_pfs() if pf.selector.pf_name}
         owners = {n: self.sysfs.netdev_pci_address(n) for n in names}
-        res = resolve_pfs(self.config, pci, owners)
-        for problem in res.problems:
-            if problem not in self.resolution.problems:
-                log.error("%s", problem, extra=ctx("discover"))
-        return res
+        return resolve_pfs(self.config, pci, owners)
 
     def scan(self) -> tuple[Resolution, NodeState]:
-        """Read every configured PF and its VFs from sysfs (blocking file reads; fast)."""
+        """Read every configured PF and its VFs from sysfs (blocking file reads; fast).
+
+        A PF that is missing, unreadable or cannot have VFs is a problem logged once (when it
+        first appears) and listed in the resolution; every other PF is still served.
+        """
         res = self.resolve()
         pfs: dict[str, PfInfo] = {}
+        problems = list(res.problems)
         for m in res.matches:
             try:
-                pfs[m.pci_address] = self.sysfs.read_pf(m.pci_address)
+                pf = self.sysfs.read_pf(m.pci_address)
             except SysfsError as e:
-                log.error("cannot read PF: %s", e, extra=ctx("discover", m.pci_address, errno=e.errno))
-        return res, NodeState(pfs)
+                problems.append(f"{m.resource.resource_name}: PF {m.pci_address}: cannot read: {e}")
+                continue
+            pfs[m.pci_address] = pf
+            problem = pf_problem(m, pf)
+            if problem is not None:
+                problems.append(problem)
+        for problem in problems:
+            if problem not in self.resolution.problems:
+                log.error("%s", problem, extra=ctx("discover"))
+        return Resolution(res.matches, tuple(problems)), NodeState(pfs)
 
     async def rescan(self, reason: str = "") -> None:
         """Re-read the node and push any change to the kubelet at once."""
@@ -152,12 +162,13 @@ class Agent:
         after = new.by_id()
         for dev_id, d in after.items():
             prev = before.get(dev_id)
+            why = d.reason or reason or None
             if prev is None:
                 log.info("device added (%s)", d.health.value,
-                         extra=ctx("device-add", dev_id, resource=new.resource_name, reason=d.reason or reason or None))
+                         extra=ctx("device-add", dev_id, resource=new.resource_name, reason=why))
             elif prev.health != d.health:
                 log.warning("device %s -> %s", prev.health.value, d.health.value,
-                            extra=ctx("health", dev_id, resource=new.resource_name, reason=d.reason or reason or None))
+                            extra=ctx("health", dev_id, resource=new.resource_name, reason=why))
         for dev_id in before.keys() - after.keys():
             log.info("device removed", extra=ctx("device-remove", dev_id, resource=new.resource_name))
 
@@ -176,7 +187,8 @@ class Agent:
                 finally:
                     os.close(fd)
         except OSError as e:
-            raise AllocationError(",".join(alloc.devinfo), f"cannot write device-info file in {d}: {e}") from e
+            names = ",".join(alloc.devinfo)
+            raise AllocationError(names, f"cannot write device-info file in {d}: {e}") from e
 
     # ------------------------------------------------------------ running
     async def run(self, ready: asyncio.Event | None = None) -> None:

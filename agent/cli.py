@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import fields
 
 from agent import __version__
+from agent.app import build_agent, load_config
+from agent.demo import run_demo
 from agent.errors import AgentError
 from agent.logs import ctx, setup_logging
 from agent.settings import Settings, env_name
@@ -45,6 +47,9 @@ def settings_from_args(ns: argparse.Namespace) -> Settings:
     values = {f.name: getattr(ns, f.name) for f in fields(Settings) if hasattr(ns, f.name)}
     if values.get("log_format") not in ("text", "json"):
         raise SystemExit(f"--log-format: must be text or json, got {values.get('log_format')!r}")
+    if str(values.get("log_level", "info")).lower() not in ("debug", "info", "warning", "error"):
+        raise SystemExit(f"--log-level: must be debug, info, warning or error, "
+                         f"got {values.get('log_level')!r}")
     return Settings(**values)
 
 
@@ -71,8 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "demo":
-        from agent.demo import run_demo
-
         setup_logging(args.log_format, args.log_level)
         return run_demo(once=args.once, metrics_address=args.metrics_address,
                         health_address=args.health_address)
@@ -88,8 +91,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def serve(settings: Settings) -> int:
-    from agent.app import build_agent, load_config
-
     config = load_config(settings.config)
     agent = build_agent(settings, config)
     log.info("starting sriov-rdma-agent %s with %d resource(s)", __version__, len(config.resources),

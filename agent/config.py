@@ -218,16 +218,19 @@ def _selector(m: dict[str, Any], path: str) -> PfSelector:
     if "device" in m and "vendor" not in m:
         raise ConfigError(f"{path}.device", m["device"], "needs vendor as well")
     if len(given) != 1:
-        raise ConfigError(path, sorted(given), "name the PF exactly one way: pfName, pciAddress, or vendor+device")
+        raise ConfigError(path, sorted(given),
+                          "name the PF exactly one way: pfName, pciAddress, or vendor+device")
     if "pfName" in m:
         name = m["pfName"]
         if not isinstance(name, str) or not _IFNAME.match(name):
-            raise ConfigError(f"{path}.pfName", name, "must be a network interface name (1-15 chars, no '/', ':' or space)")
+            raise ConfigError(f"{path}.pfName", name,
+                              "must be a network interface name (1-15 chars, no '/', ':' or space)")
         return PfSelector(pf_name=name)
     if "pciAddress" in m:
         addr = m["pciAddress"]
         if not isinstance(addr, str) or not is_pci_address(addr.lower()):
-            raise ConfigError(f"{path}.pciAddress", addr, "must be a full PCI address like 0000:01:00.0 (quote it in YAML)")
+            raise ConfigError(f"{path}.pciAddress", addr,
+                              "must be a full PCI address like 0000:01:00.0 (quote it in YAML)")
         return PfSelector(pci_address=addr.lower())
     vendor, device = m.get("vendor"), m.get("device")
     for key, val in (("vendor", vendor), ("device", device)):
@@ -247,12 +250,15 @@ def _check_resource_name(name: object, path: str) -> None:
     domain, sep, short = name.partition("/")
     if not sep or not domain or not short:
         raise ConfigError(path, name, "must be '<domain>/<name>', e.g. nvidia.com/cx7_qsfp")
-    if len(domain) > 253 or not _DNS_SUBDOMAIN.match(domain):
-        raise ConfigError(path, name, "the domain part must be a lower-case DNS subdomain")
+    # The kubelet checks "requests.<name>" (the quota form), hence the 244 and the reserved prefix.
+    if len(domain) > 244 or not _DNS_SUBDOMAIN.match(domain) or domain.startswith("requests."):
+        raise ConfigError(path, name, "the domain part must be a lower-case DNS subdomain "
+                          "(at most 244 chars, not starting with 'requests.')")
     if domain == "kubernetes.io" or domain.endswith(".kubernetes.io"):
         raise ConfigError(path, name, "kubernetes.io is reserved; extended resources need another domain")
     if len(short) > 63 or not _QUALIFIED_NAME.match(short):
-        raise ConfigError(path, name, "the name part must be 1-63 chars of [A-Za-z0-9_.-], alphanumeric at both ends")
+        raise ConfigError(path, name,
+                          "the name part must be 1-63 chars of [A-Za-z0-9_.-], alphanumeric at both ends")
 
 
 def _mapping(raw: object, path: str, allowed: set[str]) -> dict[str, Any]:
@@ -260,7 +266,8 @@ def _mapping(raw: object, path: str, allowed: set[str]) -> dict[str, Any]:
         raise ConfigError(path, raw, "must be a mapping")
     for key in raw:
         if key not in allowed:
-            raise ConfigError(f"{path}.{key}", raw[key], f"unknown field; allowed: {', '.join(sorted(allowed))}")
+            raise ConfigError(f"{path}.{key}", raw[key],
+                              f"unknown field; allowed: {', '.join(sorted(allowed))}")
     return raw
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from agent.app import Agent, build_agent
 from agent.config import parse_config
+from agent.settings import Settings
 from agent.sim.kubelet import FakeKubelet
 from agent.sim.node import SimNode, dgx_spark
-from agent.settings import Settings
 
 RESOURCE = "nvidia.com/cx7_qsfp"
 DEMO_CONFIG = f"""\
@@ -51,8 +51,7 @@ async def _demo(root: Path, once: bool, metrics_address: str, health_address: st
     agent = build_agent(settings, parse_config(DEMO_CONFIG))
     runner = asyncio.create_task(agent.run())
     try:
-        await kubelet.wait_for(lambda: bool(kubelet.endpoints.get(RESOURCE) and kubelet.endpoints[RESOURCE].devices),
-                               timeout=10)
+        await kubelet.wait_for(lambda: bool(kubelet.devices(RESOURCE)), timeout=10)
         print_node(node, root)
         print_kubelet_view(kubelet, agent)
         await print_allocation(kubelet, agent)

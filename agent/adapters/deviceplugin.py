@@ -61,12 +61,21 @@ class DevicePluginServicer(api_pb2_grpc.DevicePluginServicer):
     def stop_streams(self) -> None:
         self._stopping.set()
 
-    async def GetDevicePluginOptions(self, request: api_pb2.Empty, context: grpc.aio.ServicerContext  # type: ignore[override]
-                                     [api_pb2.Empty, api_pb2.DevicePluginOptions]) -> api_pb2.DevicePluginOptions:
+    def reset(self) -> None:
+        """Arm the servicer for a new server generation (streams of the old one stay stopped)."""
+        self._stopping = asyncio.Event()
+
+    async def GetDevicePluginOptions(
+        self, request: api_pb2.Empty,
+        context: grpc.aio.ServicerContext[api_pb2.Empty, api_pb2.DevicePluginOptions],
+    ) -> api_pb2.DevicePluginOptions:
         return api_pb2.DevicePluginOptions(pre_start_required=False, get_preferred_allocation_available=True)
 
-    async def ListAndWatch(self, request: api_pb2.Empty, context: grpc.aio.ServicerContext  # type: ignore[override]
-                           [api_pb2.Empty, api_pb2.ListAndWatchResponse]) -> AsyncIterator[api_pb2.ListAndWatchResponse]:
+    async def ListAndWatch(
+        self, request: api_pb2.Empty,
+        context: grpc.aio.ServicerContext[api_pb2.Empty, api_pb2.ListAndWatchResponse],
+    ) -> AsyncIterator[api_pb2.ListAndWatchResponse]:
+        """The full device list now and again after every change, until the server stops."""
         version, view = self.backend.current()
         log.info("ListAndWatch opened; sending %d devices", len(view.devices),
                  extra=ctx("list-and-watch", resource=self.resource_name))
@@ -84,10 +93,11 @@ class DevicePluginServicer(api_pb2_grpc.DevicePluginServicer):
         finally:
             stop.cancel()
 
-    async def GetPreferredAllocation(self, request: api_pb2.PreferredAllocationRequest,  # type: ignore[override]
-                                     context: grpc.aio.ServicerContext[api_pb2.PreferredAllocationRequest,
-                                                                       api_pb2.PreferredAllocationResponse],
-                                     ) -> api_pb2.PreferredAllocationResponse:
+    async def GetPreferredAllocation(
+        self, request: api_pb2.PreferredAllocationRequest,
+        context: grpc.aio.ServicerContext[api_pb2.PreferredAllocationRequest,
+                                          api_pb2.PreferredAllocationResponse],
+    ) -> api_pb2.PreferredAllocationResponse:
         out = []
         for req in request.container_requests:
             ids = self.backend.preferred(list(req.available_deviceIDs), list(req.must_include_deviceIDs),
@@ -95,9 +105,11 @@ class DevicePluginServicer(api_pb2_grpc.DevicePluginServicer):
             out.append(api_pb2.ContainerPreferredAllocationResponse(deviceIDs=ids))
         return api_pb2.PreferredAllocationResponse(container_responses=out)
 
-    async def Allocate(self, request: api_pb2.AllocateRequest,  # type: ignore[override]
-                       context: grpc.aio.ServicerContext[api_pb2.AllocateRequest, api_pb2.AllocateResponse],
-                       ) -> api_pb2.AllocateResponse:
+    async def Allocate(
+        self, request: api_pb2.AllocateRequest,
+        context: grpc.aio.ServicerContext[api_pb2.AllocateRequest, api_pb2.AllocateResponse],
+    ) -> api_pb2.AllocateResponse:
+        """One response per container request; an unknown or unhealthy ID fails the whole call."""
         start = time.perf_counter()
         responses = []
         try:
@@ -107,8 +119,8 @@ class DevicePluginServicer(api_pb2_grpc.DevicePluginServicer):
                 log.info("allocated %s", ",".join(req.devices_ids),
                          extra=ctx("allocate", ",".join(req.devices_ids), resource=self.resource_name))
         except AllocationError as e:
-            log.warning("allocate refused: %s", e, extra=ctx("allocate", e.device, resource=self.resource_name,
-                                                             reason=e.reason))
+            log.warning("allocate refused: %s", e,
+                        extra=ctx("allocate", e.device, resource=self.resource_name, reason=e.reason))
             if self.on_allocate:
                 self.on_allocate(time.perf_counter() - start, False)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -116,10 +128,11 @@ class DevicePluginServicer(api_pb2_grpc.DevicePluginServicer):
             self.on_allocate(time.perf_counter() - start, True)
         return api_pb2.AllocateResponse(container_responses=responses)
 
-    async def PreStartContainer(self, request: api_pb2.PreStartContainerRequest,  # type: ignore[override]
-                                context: grpc.aio.ServicerContext[api_pb2.PreStartContainerRequest,
-                                                                  api_pb2.PreStartContainerResponse],
-                                ) -> api_pb2.PreStartContainerResponse:
+    async def PreStartContainer(
+        self, request: api_pb2.PreStartContainerRequest,
+        context: grpc.aio.ServicerContext[api_pb2.PreStartContainerRequest,
+                                          api_pb2.PreStartContainerResponse],
+    ) -> api_pb2.PreStartContainerResponse:
         return api_pb2.PreStartContainerResponse()
 
 
@@ -135,7 +148,7 @@ class DevicePluginServer:
     async def start(self) -> None:
         if os.path.lexists(self.socket_path):
             os.unlink(self.socket_path)  # stale socket from an earlier run
-        self.servicer._stopping = asyncio.Event()
+        self.servicer.reset()
         server = grpc.aio.server()
         api_pb2_grpc.add_DevicePluginServicer_to_server(self.servicer, server)
         server.add_insecure_port(f"unix:{self.socket_path}")

@@ -42,16 +42,15 @@ class Inotify:
     """One inotify instance; add directory watches, then iterate events asynchronously."""
 
     def __init__(self) -> None:
-        fd = _libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        fd: int = _libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
         if fd < 0:
             err = ctypes.get_errno()
             raise SysfsError("inotify_init1", err, op="create")
         self.fd: int = fd
-        self._queue: asyncio.Queue[InotifyEvent] | None = None
         self.paths: dict[int, str] = {}
 
     def watch(self, path: str, mask: int) -> int:
-        wd = _libc.inotify_add_watch(self.fd, os.fsencode(path), mask)
+        wd: int = _libc.inotify_add_watch(self.fd, os.fsencode(path), mask)
         if wd < 0:
             raise SysfsError(path, ctypes.get_errno() or errno.EIO, op="inotify watch")
         self.paths[wd] = path

@@ -2,8 +2,8 @@
 
 The kubelet deletes every socket in the device-plugin directory when it starts, then creates a
 new kubelet.sock. We watch the directory with inotify: our socket vanishing means "serve again",
-kubelet.sock appearing means "register again". No polling loop; a capped backoff only covers a
-kubelet that is not up yet.
+a kubelet.sock with a new inode means "register again". No polling loop; a capped backoff only
+covers a kubelet that is not up yet (and is cut short the moment kubelet.sock appears).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import grpc
 
 from agent._pb.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 from agent.adapters.deviceplugin import DevicePluginServer
-from agent.adapters.inotify import IN_CREATE, IN_DELETE, IN_MOVED_FROM, IN_MOVED_TO, Inotify
+from agent.adapters.inotify import IN_CREATE, IN_DELETE, IN_MOVED_FROM, IN_MOVED_TO, IN_Q_OVERFLOW, Inotify
 from agent.errors import KubeletRegistrationError
 from agent.logs import ctx
 from agent.settings import KUBELET_SOCKET_NAME
@@ -48,6 +48,13 @@ async def register(kubelet_socket: str, endpoint: str, resource_name: str, timeo
         raise KubeletRegistrationError(kubelet_socket, f"{e.code().name}: {e.details()}") from e
 
 
+def _inode(path: str) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
+
+
 class PluginLifecycle:
     """Serve one resource's socket and keep it registered across kubelet restarts."""
 
@@ -63,50 +70,61 @@ class PluginLifecycle:
         self.max_backoff = max_backoff
         self.registered = False
         self.registrations = 0
+        self._kubelet_inode: int | None = None  # kubelet.sock we last registered with
         self._wake = asyncio.Event()
-        self._kubelet_created = False
-        self._own_deleted = False
-        self._watching = asyncio.Event()
 
     def _set_registered(self, value: bool) -> None:
         self.registered = value
         if self.on_registered:
             self.on_registered(value)
 
+    def _kubelet_restarted(self) -> bool:
+        current = _inode(self.kubelet_socket)
+        return current is not None and current != self._kubelet_inode
+
     async def run(self) -> None:
         os.makedirs(self.plugin_dir, exist_ok=True)
-        watcher = asyncio.create_task(self._watch_dir(), name=f"watch-{self.resource_name}")
-        self._watching = asyncio.Event()
+        watching = asyncio.Event()
+        watcher = asyncio.create_task(self._watch_dir(watching), name=f"watch-{self.resource_name}")
         try:
-            await self._watching.wait()  # watch before serving, so no deletion slips by
+            # Watch before serving, so no deletion between the two slips by.
+            await asyncio.wait({watcher, asyncio.ensure_future(watching.wait())},
+                               return_when=asyncio.FIRST_COMPLETED)
+            if watcher.done():
+                watcher.result()  # the watch could not be set up: surface why
             while True:
-                await self.server.start()
-                log.info("serving on %s", self.server.socket_path,
-                         extra=ctx("serve", self.server.socket_path, resource=self.resource_name))
-                await self._register_until_done()
-                # Registered (or our socket vanished): wait for the kubelet to restart.
-                while not (self._own_deleted or self._kubelet_created):
+                if not self.server.socket_intact():
+                    await self._serve()
+                if not await self._register_until_done():
+                    continue  # our socket vanished while we were trying: serve again first
+                while self.server.socket_intact() and not self._kubelet_restarted():
                     self._wake.clear()
                     await self._wake.wait()
-                log.info("kubelet restarted (%s); serving and registering again",
-                         "socket deleted" if self._own_deleted else "kubelet.sock recreated",
-                         extra=ctx("kubelet-restart", self.kubelet_socket, resource=self.resource_name))
                 self._set_registered(False)
-                await self.server.stop(grace=0.2, remove_socket=not self._own_deleted)
-                self._own_deleted = False
-                self._kubelet_created = False
+                log.info("kubelet restarted (%s); registering again",
+                         "our socket was deleted" if not self.server.socket_intact() else "new kubelet.sock",
+                         extra=ctx("kubelet-restart", self.kubelet_socket, resource=self.resource_name))
         finally:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
-            self._set_registered(False)
+            if self.registered:
+                self._set_registered(False)
             await self.server.stop(grace=0.5)
 
-    async def _register_until_done(self) -> None:
+    async def _serve(self) -> None:
+        """(Re)start the gRPC server; a socket deleted by the kubelet is left alone, ours is replaced."""
+        await self.server.stop(grace=0.2, remove_socket=False)
+        await self.server.start()
+        log.info("serving on %s", self.server.socket_path,
+                 extra=ctx("serve", self.server.socket_path, resource=self.resource_name))
+
+    async def _register_until_done(self) -> bool:
+        """Register, retrying with capped backoff; False if our socket vanished meanwhile."""
         delay = 0.1
         last_error = ""
-        while not self._own_deleted:
-            self._kubelet_created = False
+        while self.server.socket_intact():
+            kubelet_inode = _inode(self.kubelet_socket)
             try:
                 await register(self.kubelet_socket, self.endpoint, self.resource_name)
             except KubeletRegistrationError as e:
@@ -119,23 +137,21 @@ class PluginLifecycle:
                     await asyncio.wait_for(self._wake.wait(), timeout=delay)
                 delay = min(delay * 2, self.max_backoff)
                 continue
+            self._kubelet_inode = kubelet_inode
             self.registrations += 1
             self._set_registered(True)
-            log.info("registered with kubelet", extra=ctx("register", self.endpoint, resource=self.resource_name))
-            return
+            log.info("registered with kubelet",
+                     extra=ctx("register", self.endpoint, resource=self.resource_name))
+            return True
+        return False
 
-    async def _watch_dir(self) -> None:
+    async def _watch_dir(self, watching: asyncio.Event) -> None:
         ino = Inotify()
         try:
             ino.watch(self.plugin_dir, IN_CREATE | IN_DELETE | IN_MOVED_TO | IN_MOVED_FROM)
-            self._watching.set()
+            watching.set()
             async for ev in ino.events():
-                if ev.name == KUBELET_SOCKET_NAME and ev.mask & (IN_CREATE | IN_MOVED_TO):
-                    self._kubelet_created = True
-                    self._wake.set()
-                elif ev.name == self.endpoint and ev.mask & (IN_DELETE | IN_MOVED_FROM):
-                    if not self.server.socket_intact() and self.server.inode is not None:
-                        self._own_deleted = True
-                        self._wake.set()
+                if ev.mask & IN_Q_OVERFLOW or ev.name in (KUBELET_SOCKET_NAME, self.endpoint):
+                    self._wake.set()  # the loop re-checks both sockets, so an overflow loses nothing
         finally:
             ino.close()

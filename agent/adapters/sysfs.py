@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Protocol
 
 from agent.errors import SysfsError
-from agent.model import NetdevInfo, is_pci_address, PciDevice, PfInfo, RdmaDevice, RdmaPort, VfInfo
+from agent.model import NetdevInfo, PciDevice, PfInfo, RdmaDevice, RdmaPort, VfInfo, is_pci_address
 
 
 class SysfsWriter(Protocol):
@@ -178,9 +178,10 @@ class SysfsHost:
                 phys_state_name=phys_name, link_layer=_read_opt(pd / "link_layer") or "",
                 rate=_read_opt(pd / "rate") or "",
             ))
-        pci_dir = ib.parent.parent
-        uverbs = [n for n in _listdir(pci_dir / "infiniband_verbs") if _read_opt(pci_dir / "infiniband_verbs" / n / "ibdev") == name]
-        mads = [n for n in _listdir(pci_dir / "infiniband_mad") if _read_opt(pci_dir / "infiniband_mad" / n / "ibdev") == name]
+        # <rdma>/device links to the PCI function (the parent of infiniband_verbs/ and infiniband_mad/).
+        pci_dir = ib / "device" if (ib / "device").is_dir() else ib.parent.parent
+        uverbs = _char_devs_of(pci_dir / "infiniband_verbs", name)
+        mads = _char_devs_of(pci_dir / "infiniband_mad", name)
         return RdmaDevice(
             name=name,
             ports=tuple(sorted(ports, key=lambda x: x.number)),
@@ -196,6 +197,11 @@ class SysfsHost:
             if _read_opt(base / n / "ibdev") == name:
                 return n
         return None
+
+
+def _char_devs_of(class_dir: Path, ibdev: str) -> list[str]:
+    """Entries of <pci>/infiniband_verbs or infiniband_mad whose ibdev names the RDMA device."""
+    return [n for n in _listdir(class_dir) if _read_opt(class_dir / n / "ibdev") == ibdev]
 
 
 def _listdir(path: Path) -> list[str]:

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from agent.config import Config, PfConfig, ResourceConfig
-from agent.model import PciDevice
+from agent.model import PciDevice, PfInfo
 
 
 @dataclass(frozen=True)
@@ -25,12 +25,14 @@ class Resolution:
         return tuple(m for m in self.matches if m.resource.resource_name == name)
 
 
-def resolve_pfs(config: Config, pci: Sequence[PciDevice], netdev_owner: Mapping[str, str | None]) -> Resolution:
+def resolve_pfs(config: Config, pci: Sequence[PciDevice],
+                netdev_owner: Mapping[str, str | None]) -> Resolution:
     """Map every PF selector to PCI addresses.
 
     ``netdev_owner`` maps each configured pfName to the PCI address behind it (None when the
     interface does not exist). A PF claimed twice (say by name and by vendor id) keeps its
-    first claim; the second is reported, never silently merged.
+    first claim; the second is reported, never silently merged. A selector that matches
+    nothing is a problem for its own entry only: every other PF is still served.
     """
     by_addr = {d.pci_address: d for d in pci}
     claimed: dict[str, str] = {}
@@ -38,32 +40,42 @@ def resolve_pfs(config: Config, pci: Sequence[PciDevice], netdev_owner: Mapping[
     problems: list[str] = []
     for res, pf in config.all_pfs():
         sel = pf.selector
-        addrs: list[str]
+        where = f"{res.resource_name}: PF {sel.describe()}"
         if sel.pf_name is not None:
             owner = netdev_owner.get(sel.pf_name)
             if owner is None:
-                problems.append(f"{res.resource_name}: PF {sel.describe()}: no such network interface on this node")
+                problems.append(f"{where}: no such network interface on this node")
                 continue
             addrs = [owner]
         elif sel.pci_address is not None:
             if sel.pci_address not in by_addr:
-                problems.append(f"{res.resource_name}: PF {sel.describe()}: no such PCI device on this node")
+                problems.append(f"{where}: no such PCI device on this node")
                 continue
             addrs = [sel.pci_address]
         else:
             addrs = [d.pci_address for d in pci
                      if d.vendor == sel.vendor and d.device == sel.device and d.physfn is None]
             if not addrs:
-                problems.append(f"{res.resource_name}: PF {sel.describe()}: no physical function with that id")
+                problems.append(f"{where}: no physical function with that id")
                 continue
         for addr in addrs:
             dev = by_addr.get(addr)
             if dev is not None and dev.physfn is not None:
-                problems.append(f"{res.resource_name}: PF {sel.describe()}: {addr} is a VF of {dev.physfn}, not a PF")
+                problems.append(f"{where}: {addr} is a VF of {dev.physfn}, not a PF")
                 continue
             if addr in claimed:
-                problems.append(f"{res.resource_name}: PF {sel.describe()}: {addr} is already used by {claimed[addr]}")
+                problems.append(f"{where}: {addr} is already used by {claimed[addr]}")
                 continue
             claimed[addr] = f"{res.resource_name} ({sel.describe()})"
             matches.append(PfMatch(res, pf, addr))
     return Resolution(tuple(matches), tuple(problems))
+
+
+def pf_problem(match: PfMatch, pf: PfInfo) -> str | None:
+    """Why a matched PF cannot give VFs at all (no SR-IOV capability, no driver), or None."""
+    where = f"{match.resource.resource_name}: PF {match.pf.selector.describe()} ({pf.pci_address})"
+    if not pf.sriov_capable:
+        return f"{where}: the device has no SR-IOV capability (no sriov_totalvfs)"
+    if pf.driver is None:
+        return f"{where}: no driver is bound, so no VFs can be created"
+    return None

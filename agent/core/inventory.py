@@ -84,7 +84,7 @@ def allocate(resource: ResourceConfig, ids: Sequence[str], view: ResourceView, n
             for path, key in paths:
                 if dev_exists(path):
                     rdma_env.setdefault(key, path)
-                    specs.setdefault(path, DeviceSpecOut(host_path=path, container_path=path, permissions="rw"))
+                    specs.setdefault(path, DeviceSpecOut(host_path=path, container_path=path))
             entry["rdma"] = rdma_env
             pci_info["rdma-device"] = vf.rdma.name
         info[dev_id] = entry
@@ -122,11 +122,14 @@ def preferred_allocation(available: Sequence[str], must_include: Sequence[str], 
         for i in pool:
             groups[key_of(i)] = groups.get(key_of(i), 0) + 1
         fitting = [g for g, n in groups.items() if n >= size]
-        anchor = min(fitting, key=lambda g: (groups[g], g)) if fitting else max(groups, key=lambda g: (groups[g], g))
+        # The tightest group that fits keeps big groups whole; with none, the biggest one.
+        anchor = (min(fitting, key=lambda g: (groups[g], g)) if fitting
+                  else max(groups, key=lambda g: (groups[g], g)))
         anchors = {anchor}
     else:
         anchors = {key_of(i) for i in chosen if i in by_id}
     numas = {a[0] for a in anchors}
     pfs = {a[1] for a in anchors}
-    rest = sorted(pool, key=lambda i: (by_id[i].numa_node not in numas, by_id[i].pf_pci_address not in pfs, i))
+    rest = sorted(pool, key=lambda i: (by_id[i].numa_node not in numas,
+                                       by_id[i].pf_pci_address not in pfs, i))
     return chosen + rest[: max(size - len(chosen), 0)]

@@ -119,7 +119,7 @@ class SimNode:
         return self
 
     def device_dir(self, address: str) -> Path:
-        domain = address.split(":")[0]
+        domain = address.split(":", maxsplit=1)[0]
         return self.sys / "devices" / f"pci{domain}:00" / f"{domain}:00:00.0" / address
 
     def pf(self, address_or_name: str) -> SimPf:
@@ -142,7 +142,8 @@ class SimNode:
             if pf.rdma:
                 self._add_rdma(pf.pci_address, pf.netdev, pf.link_up, pf.speed_mbps)
 
-    def _add_pci_function(self, address: str, vendor: str, device: str, numa: int, driver: str | None) -> Path:
+    def _add_pci_function(self, address: str, vendor: str, device: str, numa: int,
+                          driver: str | None) -> Path:
         d = self.device_dir(address)
         d.mkdir(parents=True, exist_ok=True)
         _write(d / "vendor", f"0x{vendor}\n")
@@ -208,6 +209,7 @@ class SimNode:
         (port / "hw_counters").mkdir(exist_ok=True)
         for c in MLX5_HW_COUNTERS:
             _write(port / "hw_counters" / c, "10\n" if c == "lifespan" else "0\n")
+        os.symlink(f"../../../{address}", ib / "device")
         _symlink(self.sys / "class/infiniband" / name, ib)
         self.set_rdma_port(name, up, speed=speed)
         uv = d / "infiniband_verbs" / f"uverbs{uverbs}"
@@ -215,6 +217,7 @@ class SimNode:
         _write(uv / "ibdev", name + "\n")
         _write(uv / "abi_version", "1\n")
         _write(uv / "dev", f"231:{_UVERBS_MINOR_BASE + uverbs}\n")
+        os.symlink(f"../../../{address}", uv / "device")
         _symlink(self.sys / "class/infiniband_verbs" / f"uverbs{uverbs}", uv)
         for kind, base in (("umad", 0), ("issm", 64)):
             md = d / "infiniband_mad" / f"{kind}{uverbs}"
@@ -222,6 +225,7 @@ class SimNode:
             _write(md / "ibdev", name + "\n")
             _write(md / "port", "1\n")
             _write(md / "dev", f"231:{base + uverbs}\n")
+            os.symlink(f"../../../{address}", md / "device")
             _symlink(self.sys / "class/infiniband_mad" / f"{kind}{uverbs}", md)
             _write(self.dev / "infiniband" / f"{kind}{uverbs}", "")
         _write(self.dev / "infiniband" / f"uverbs{uverbs}", "")
