@@ -1,0 +1,242 @@
+"""RTNLGRP_LINK watcher: the kernel pushes every link change; we keep the latest word per netdev.
+
+One NETLINK_ROUTE socket bound to the link multicast group, read from the asyncio loop with
+add_reader (idle CPU is zero: nothing runs until the kernel queues a message). pyroute2 decodes
+the ifinfmsg payloads and, for a watcher in another network namespace, creates the socket there.
+
+When the receive queue overflows the kernel drops messages and the next read fails with ENOBUFS;
+what we hold may then be stale, so the socket is recreated and the link table rebuilt from a full
+RTM_GETLINK dump. A slow periodic dump is only a safety net against anything else missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Protocol
+
+from pyroute2 import netns as pr_netns
+from pyroute2.netlink import NETLINK_ROUTE, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST, NLMSG_DONE
+from pyroute2.netlink.rtnl import RTM_DELLINK, RTM_GETLINK, RTM_NEWLINK, RTMGRP_LINK
+from pyroute2.netlink.rtnl.ifinfmsg import IFF_UP, ifinfmsg
+from pyroute2.netlink.rtnl.marshal import MarshalRtnl
+
+from agent.core.health import LinkObservation
+from agent.errors import NetlinkOpError
+from agent.logs import ctx
+from agent.stats import Stats
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RCVBUF = 1 << 20  # holds a few thousand link messages: a VF storm fits
+DEFAULT_RESYNC_S = 60.0
+_RECV_SIZE = 1 << 16
+
+
+class NetlinkSocket(Protocol):
+    """The slice of socket.socket the watcher uses (a seam for injecting errors in tests)."""
+
+    def fileno(self) -> int: ...
+    def recv(self, bufsize: int) -> bytes: ...
+    def send(self, data: bytes) -> int: ...
+    def close(self) -> None: ...
+
+
+Links = dict[int, LinkObservation]
+OnChange = Callable[[Links, Links, str], Awaitable[None]]
+
+
+def open_route_socket(netns: str | None, rcvbuf: int) -> socket.socket:
+    """A non-blocking NETLINK_ROUTE socket subscribed to link events, in ``netns`` if given."""
+    try:
+        if netns is None:
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
+        else:
+            # flags=0: never create the namespace, only enter an existing one.
+            sock = pr_netns.create_socket(netns, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE, flags=0)
+    except OSError as e:
+        raise NetlinkOpError("open", netns or "<host>", e.errno or errno.EIO) from e
+    try:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, 33, rcvbuf)  # SO_RCVBUFFORCE: beyond rmem_max (root)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.bind((0, RTMGRP_LINK))
+        sock.setblocking(False)
+    except OSError as e:
+        sock.close()
+        raise NetlinkOpError("bind", netns or "<host>", e.errno or errno.EIO) from e
+    return sock
+
+
+def observation(msg: Any) -> LinkObservation:
+    """An ifinfmsg (RTM_NEWLINK) as a LinkObservation."""
+    return LinkObservation(
+        name=msg.get_attr("IFLA_IFNAME") or "",
+        ifindex=int(msg["index"]),
+        admin_up=bool(msg["flags"] & IFF_UP),
+        carrier=bool(msg.get_attr("IFLA_CARRIER")),
+        operstate=str(msg.get_attr("IFLA_OPERSTATE") or "unknown").lower(),
+        parent_bus=msg.get_attr("IFLA_PARENT_DEV_BUS_NAME") or "",
+    )
+
+
+class LinkWatcher:
+    """Keeps ``links`` (ifindex -> LinkObservation) equal to the kernel's and reports changes.
+
+    ``on_change(before, after, reason)`` runs after each batch of messages that changed anything,
+    with the whole table before and after the batch; while it runs, new messages queue in the
+    socket and are handled as the next batch, so a storm costs a few callbacks, not one per message.
+    """
+
+    def __init__(self, netns: str | None = None, rcvbuf: int = DEFAULT_RCVBUF,
+                 resync_s: float = DEFAULT_RESYNC_S, stats: Stats | None = None,
+                 opener: Callable[[str | None, int], NetlinkSocket] = open_route_socket) -> None:
+        self.netns = netns
+        self.rcvbuf = rcvbuf
+        self.resync_s = resync_s
+        self.stats = stats or Stats()
+        self.opener = opener
+        self.links: Links = {}
+        self.synced = asyncio.Event()  # set once the first full dump is in
+        self._marshal = MarshalRtnl()
+        self._seq = 0
+
+    def by_name(self) -> dict[str, LinkObservation]:
+        return {o.name: o for o in self.links.values()}
+
+    async def run(self, on_change: OnChange) -> None:
+        """Watch until cancelled. Resyncs: at start, on ENOBUFS, and every ``resync_s`` seconds."""
+        reason = "start"
+        delay = 1.0
+        while True:
+            try:
+                sock = self.opener(self.netns, self.rcvbuf)
+                try:
+                    reason = await self._serve(sock, reason, on_change)
+                finally:
+                    sock.close()
+                delay = 1.0
+            except NetlinkOpError as e:
+                # Keep serving what we know; try a fresh socket after a pause.
+                log.error("link watcher: %s", e, extra=ctx("netlink", self.netns, errno=e.code))
+                reason = "error"
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    async def _serve(self, sock: NetlinkSocket, reason: str, on_change: OnChange) -> str:
+        """Dump, then follow events on one socket. Returns why a fresh socket is needed."""
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+        loop.add_reader(sock.fileno(), ready.set)
+        try:
+            while True:
+                if reason != "start":
+                    self.stats.inc("netlink_resyncs", reason=reason)
+                    log.warning("resyncing link table",
+                                extra=ctx("netlink-resync", self.netns, reason=reason))
+                before = dict(self.links)
+                try:
+                    self.links = await self._dump(sock, ready)
+                except _Overflow:
+                    return "enobufs"
+                self.synced.set()
+                if self.links != before or reason == "start":
+                    await on_change(before, dict(self.links), f"netlink resync ({reason})")
+                reason = await self._follow(sock, ready, on_change)
+                if reason == "enobufs":
+                    return reason
+        finally:
+            loop.remove_reader(sock.fileno())
+
+    async def _follow(self, sock: NetlinkSocket, ready: asyncio.Event, on_change: OnChange) -> str:
+        """Apply events until a resync is due ("periodic") or the queue overflowed ("enobufs")."""
+        loop = asyncio.get_running_loop()
+        due = loop.time() + self.resync_s
+        while True:
+            try:
+                await asyncio.wait_for(ready.wait(), max(0.0, due - loop.time()))
+            except TimeoutError:
+                return "periodic"
+            ready.clear()
+            before = dict(self.links)
+            try:
+                msgs = self._drain(sock)
+            except _Overflow:
+                return "enobufs"
+            for msg in msgs:
+                self._apply(self.links, msg)
+            if self.links != before:
+                changed = sorted({o.name for o in _diff(before, self.links)})
+                await on_change(before, dict(self.links), "netlink: " + ",".join(changed))
+
+    async def _dump(self, sock: NetlinkSocket, ready: asyncio.Event) -> Links:
+        """A full RTM_GETLINK dump; events arriving meanwhile are applied in order too."""
+        while True:
+            self._seq += 1
+            req = ifinfmsg()
+            req["header"]["type"] = RTM_GETLINK
+            req["header"]["flags"] = NLM_F_REQUEST | NLM_F_DUMP
+            req["header"]["sequence_number"] = self._seq
+            req["family"] = socket.AF_UNSPEC
+            req.encode()
+            try:
+                sock.send(req.data)
+            except OSError as e:
+                raise NetlinkOpError("dump", self.netns or "<host>", e.errno or errno.EIO) from e
+            table: Links = {}
+            interrupted = False
+            done = False
+            while not done:
+                await ready.wait()
+                ready.clear()
+                for msg in self._drain(sock):
+                    header = msg["header"]
+                    if header["sequence_number"] == self._seq:
+                        interrupted |= bool(header["flags"] & NLM_F_DUMP_INTR)
+                        if header["type"] == NLMSG_DONE:
+                            done = True
+                            continue
+                        if header.get("error") is not None:
+                            raise NetlinkOpError("dump", self.netns or "<host>",
+                                                 getattr(header["error"], "code", errno.EIO))
+                    self._apply(table, msg)
+            if not interrupted:
+                return table
+
+    def _drain(self, sock: NetlinkSocket) -> list[Any]:
+        """Every message queued now. Raises _Overflow when the kernel dropped some."""
+        out: list[Any] = []
+        while True:
+            try:
+                data = sock.recv(_RECV_SIZE)
+            except BlockingIOError:
+                return out
+            except OSError as e:
+                if e.errno == errno.ENOBUFS:
+                    raise _Overflow from e
+                raise NetlinkOpError("recv", self.netns or "<host>", e.errno or errno.EIO) from e
+            out.extend(self._marshal.parse(data))
+
+    @staticmethod
+    def _apply(table: Links, msg: Any) -> None:
+        kind = msg["header"]["type"]
+        if kind == RTM_NEWLINK:
+            obs = observation(msg)
+            table[obs.ifindex] = obs
+        elif kind == RTM_DELLINK:
+            table.pop(int(msg["index"]), None)
+
+
+class _Overflow(Exception):
+    """The socket's receive queue overflowed (ENOBUFS): events were lost."""
+
+
+def _diff(before: Links, after: Links) -> Iterable[LinkObservation]:
+    for idx in before.keys() | after.keys():
+        old, new = before.get(idx), after.get(idx)
+        if old != new:
+            yield from (o for o in (old, new) if o is not None)

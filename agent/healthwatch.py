@@ -1,0 +1,122 @@
+"""Wiring between the kernel's device events and the agent's views (part of the composition root).
+
+The link watcher (netlink) and the uevent watcher (udev / kernel uevents) feed this; each event
+that concerns a served device triggers ``Agent.rescan``, which reads sysfs, overlays netlink's
+link state (``overlay``) and debounces recoveries (``settle``) before the views are published to
+the ListAndWatch streams. One timer task re-reads the node when a recovery has settled and a
+little after each link event, because mlx5 moves the RoCE port to ACTIVE shortly after carrier
+returns and that transition has no event of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from agent.adapters.netlink import DEFAULT_RESYNC_S, Links, LinkWatcher
+from agent.adapters.udev import DeviceEvent, Source, UeventWatcher, describe
+from agent.core.health import DEFAULT_SETTLE_S, Debounce, LinkObservation, fold, link_matters, with_links
+from agent.model import PfInfo, ResourceView
+from agent.stats import Stats
+
+if TYPE_CHECKING:
+    from agent.app import Agent
+
+# Re-read RDMA port state this long after a link or device event (seconds).
+FOLLOW_UP_S = (0.5, 2.0)
+
+Task = Callable[["Agent"], Coroutine[Any, Any, None]]
+
+
+@dataclass
+class HealthWatch:
+    settle_s: float = DEFAULT_SETTLE_S
+    clock: Callable[[], float] = time.monotonic
+    links: dict[str, LinkObservation] = field(default_factory=dict)  # netlink's latest word, by name
+    debounce: dict[str, Debounce] = field(default_factory=dict)  # per resource
+    deadlines: set[float] = field(default_factory=set)
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    # ------------------------------------------------------------ used by Agent.rescan
+    def overlay(self, pf: PfInfo) -> PfInfo:
+        return with_links(pf, self.links)
+
+    def settle(self, view: ResourceView, stats: Stats) -> ResourceView:
+        """Debounce one resource's observed view; count flips; arm the timer for pending recoveries."""
+        state = self.debounce.get(view.resource_name, Debounce(self.settle_s))
+        state, settled, flipped = fold(state, view, self.clock())
+        self.debounce[view.resource_name] = state
+        by_id = settled.by_id()
+        for dev_id in flipped:
+            stats.inc("health_transitions", resource=view.resource_name, to=by_id[dev_id].health.value)
+        deadline = state.next_deadline()
+        if deadline is not None:
+            self._at(deadline)
+        return settled
+
+    # ------------------------------------------------------------ event handlers
+    async def on_links(self, agent: Agent, before: Links, after: Links, reason: str) -> None:
+        self.links = {o.name: o for o in after.values()}
+        watched = watched_names(agent)
+        if any(link_matters(before.get(i), after.get(i), watched) for i in before.keys() | after.keys()):
+            await agent.rescan(reason)
+            self._follow_up()
+
+    async def on_uevents(self, agent: Agent, events: list[DeviceEvent], overflowed: bool) -> None:
+        watched = watched_names(agent)
+        if overflowed or any(e.matters(watched) for e in events):
+            await agent.rescan("uevent queue overflowed" if overflowed else describe(events))
+            self._follow_up()
+
+    # ------------------------------------------------------------ root tasks
+    def link_task(self, netns: str | None = None, resync_s: float = DEFAULT_RESYNC_S) -> Task:
+        async def run(agent: Agent) -> None:
+            watcher = LinkWatcher(netns=netns, resync_s=resync_s, stats=agent.stats)
+            await watcher.run(lambda b, a, r: self.on_links(agent, b, a, r))
+        return run
+
+    def uevent_task(self, source: Source | None = None, netns: str | None = None) -> Task:
+        async def run(agent: Agent) -> None:
+            watcher = UeventWatcher(source=source, netns=netns, stats=agent.stats)
+            await watcher.run(lambda evs, over: self.on_uevents(agent, evs, over))
+        return run
+
+    def host_tasks(self) -> list[Task]:
+        """The watchers a node agent runs in the host network namespace."""
+        return [self.link_task(), self.uevent_task()]
+
+    async def timer(self, agent: Agent) -> None:
+        """Re-read the node at each deadline (settled recoveries, RDMA follow-ups)."""
+        while True:
+            upcoming = min(self.deadlines, default=None)
+            timeout = None if upcoming is None else max(0.0, upcoming - self.clock())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            self._wake.clear()
+            now = self.clock()
+            due = {d for d in self.deadlines if d <= now}
+            if due:
+                self.deadlines -= due
+                await agent.rescan("health re-check")
+
+    def _follow_up(self) -> None:
+        now = self.clock()
+        for delay in FOLLOW_UP_S:
+            self._at(now + delay)
+
+    def _at(self, deadline: float) -> None:
+        if deadline not in self.deadlines:
+            self.deadlines.add(deadline)
+            self._wake.set()
+
+
+def watched_names(agent: Agent) -> set[str]:
+    """Netdev names of every served PF and VF, plus the PF names the config asks for."""
+    names = {pf.selector.pf_name for _, pf in agent.config.all_pfs() if pf.selector.pf_name}
+    for pf in agent.node.pfs.values():
+        names.update(nd.name for nd in (pf.netdev, *(vf.netdev for vf in pf.vfs)) if nd is not None)
+    return names
