@@ -7,13 +7,15 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from agent.adapters.deviceplugin import DevicePluginServer, DevicePluginServicer
+from agent.adapters.health_server import DEVICEPLUGIN, LIFECYCLE, MONITOR, HealthServer
 from agent.adapters.kubelet import PluginLifecycle
+from agent.adapters.metrics import AgentMetrics, MetricsServer, build_metrics
 from agent.adapters.sysfs import SysfsHost, SysfsWriter
 from agent.config import Config, ResourceConfig, parse_config
 from agent.core.discovery import Resolution, pf_problem, resolve_pfs
@@ -23,6 +25,7 @@ from agent.logs import ctx
 from agent.model import ContainerAllocation, PfInfo, ResourceView
 from agent.settings import Settings
 from agent.stats import Stats
+from agent.status import status_document
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +109,9 @@ class Agent:
     extra_tasks: list[RootTask] = field(default_factory=list)
     stats: Stats = field(default_factory=Stats)
     started_at: float = field(default_factory=time.monotonic)
+    metrics: AgentMetrics | None = None
+    health: HealthServer | None = None
+    metrics_server: MetricsServer | None = None
     _scan_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _run_task: asyncio.Task[None] | None = None
 
@@ -148,6 +154,7 @@ class Agent:
         async with self._scan_lock:
             res, node = self.scan()
             self.resolution, self.node = res, node
+            self._report_scan(res, node)
             in_pod = self.in_pod()
             for resource in self.config.resources:
                 pfs = [node.pfs[m.pci_address] for m in res.for_resource(resource.resource_name)
@@ -197,7 +204,8 @@ class Agent:
         async with asyncio.TaskGroup() as tg:
             for resource in self.config.resources:
                 backend = ResourceBackend(self, resource)
-                servicer = DevicePluginServicer(resource.resource_name, backend)
+                on_allocate = self.metrics.allocate_observer(resource.resource_name) if self.metrics else None
+                servicer = DevicePluginServicer(resource.resource_name, backend, on_allocate=on_allocate)
                 sock = os.path.join(self.settings.device_plugin_dir, resource.socket_name)
                 lifecycle = PluginLifecycle(self.settings.device_plugin_dir, resource.resource_name,
                                             DevicePluginServer(sock, servicer),
@@ -205,7 +213,8 @@ class Agent:
                 self.lifecycles[resource.resource_name] = lifecycle
                 tg.create_task(lifecycle.run(), name=f"plugin-{resource.resource_name}")
             for task in self.extra_tasks:
-                tg.create_task(task(self))
+                tg.create_task(self._watched(task))
+            self._report(MONITOR, True)
             if ready is not None:
                 ready.set()
 
@@ -213,15 +222,55 @@ class Agent:
         def on_registered(ok: bool) -> None:
             if ok:
                 self.stats.inc("kubelet_registrations", resource=resource)
+            waiting = sorted(name for name, lc in self.lifecycles.items() if not lc.registered)
+            self._report(DEVICEPLUGIN, not waiting, f"not registered with the kubelet: {', '.join(waiting)}"
+                         if waiting else "")
         return on_registered
 
+    async def _watched(self, task: RootTask) -> None:
+        """Run a root task (a watcher); the monitor component stops SERVING if it ever ends."""
+        try:
+            await task(self)
+        finally:
+            self._report(MONITOR, False, f"{getattr(task, '__name__', 'watcher')} stopped")
+
+    # ------------------------------------------------------------ observability
+    def _report(self, component: str, ok: bool, reason: str = "") -> None:
+        if self.health is not None:
+            self.health.report(component, ok, reason)
+
+    def _report_scan(self, res: Resolution, node: NodeState) -> None:
+        """Lifecycle health from the last scan: every configured PF found and readable."""
+        unread = [f"cannot read PF {m.pci_address}" for m in res.matches if m.pci_address not in node.pfs]
+        problems = [*res.problems, *unread]
+        self._report(LIFECYCLE, not problems, problems[0] if problems else "")
+
+    async def status(self) -> Mapping[str, object]:
+        """The document `sriov-rdma-agent status` prints (pods from PodResources when reachable)."""
+        owners = await self.metrics.collector.refresh_pods() if self.metrics else None
+        return status_document(self, owners)
+
+    async def start_observability(self) -> None:
+        """Serve metrics and grpc health before any kubelet work, so probes see NOT_SERVING first."""
+        if self.metrics is not None and self.settings.metrics_address:
+            self.metrics_server = MetricsServer(self.settings.metrics_address, self.metrics)
+            await self.metrics_server.start()
+        if self.health is not None:
+            await self.health.start()
+
     async def shutdown(self) -> None:
-        """Stop serving and remove our sockets. VFs are never touched on the way out."""
+        """Health NOT_SERVING first, then stop serving and remove our sockets. VFs are never touched."""
+        if self.health is not None:
+            await self.health.enter_graceful_shutdown()
         task = self._run_task
         if task is not None and not task.done():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
+        if self.health is not None:
+            await self.health.stop()
 
 
 def load_config(path: str) -> Config:
@@ -234,4 +283,8 @@ def load_config(path: str) -> Config:
 
 def build_agent(settings: Settings, config: Config, writer: SysfsWriter | None = None) -> Agent:
     sysfs = SysfsHost(settings.sysfs_root, dev_root=settings.dev_root, writer=writer)
-    return Agent(settings=settings, config=config, sysfs=sysfs)
+    agent = Agent(settings=settings, config=config, sysfs=sysfs)
+    agent.metrics = build_metrics(agent, agent.stats, sysfs)
+    if settings.health_address:
+        agent.health = HealthServer(settings.health_address, status=agent.status)
+    return agent

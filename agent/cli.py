@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -12,11 +13,13 @@ from collections.abc import Sequence
 from dataclasses import fields
 
 from agent import __version__
+from agent.adapters.health_server import fetch_status
 from agent.app import build_agent, load_config
 from agent.demo import run_demo
 from agent.errors import AgentError
 from agent.logs import ctx, setup_logging
-from agent.settings import Settings, env_name
+from agent.settings import DEFAULT_HEALTH_ADDRESS, Settings, env_name
+from agent.status import render
 
 log = logging.getLogger("agent")
 
@@ -70,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--log-level", default="warning")
     demo.add_argument("--metrics-address", default="127.0.0.1:9808")
     demo.add_argument("--health-address", default="127.0.0.1:9809")
+
+    status = sub.add_parser("status", help="print PFs, VFs, health, allocations and pods of the agent")
+    status.add_argument("--address",
+                        default=os.environ.get(env_name("--health-address"), DEFAULT_HEALTH_ADDRESS),
+                        help="the agent's --health-address (0.0.0.0 is asked on 127.0.0.1) "
+                             f"[env {env_name('--health-address')}; default {DEFAULT_HEALTH_ADDRESS!r}]")
+    status.add_argument("--json", action="store_true", help="print the raw status document")
     return p
 
 
@@ -79,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging(args.log_format, args.log_level)
         return run_demo(once=args.once, metrics_address=args.metrics_address,
                         health_address=args.health_address)
+    if args.command == "status":
+        return show_status(args.address, args.json)
     if args.command == "serve":
         settings = settings_from_args(args)
         setup_logging(settings.log_format, settings.log_level)
@@ -101,6 +113,7 @@ async def serve(settings: Settings) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    await agent.start_observability()
     runner = asyncio.create_task(agent.run())
     waiter = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait({runner, waiter}, return_when=asyncio.FIRST_COMPLETED)
@@ -109,6 +122,17 @@ async def serve(settings: Settings) -> int:
         return 1
     log.info("SIGTERM: stopping; VFs are left as they are", extra=ctx("shutdown"))
     await agent.shutdown()
+    return 0
+
+
+def show_status(address: str, as_json: bool) -> int:
+    """Ask the running agent (over its health port) and print tables, or the JSON document."""
+    try:
+        doc = asyncio.run(fetch_status(address))
+    except AgentError as e:
+        print(f"sriov-rdma-agent status: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(doc, indent=2) if as_json else render(doc))
     return 0
 
 

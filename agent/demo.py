@@ -49,6 +49,8 @@ async def _demo(root: Path, once: bool, metrics_address: str, health_address: st
     kubelet = FakeKubelet(settings.device_plugin_dir)
     await kubelet.start()
     agent = build_agent(settings, parse_config(DEMO_CONFIG))
+    if not once:
+        await agent.start_observability()  # before run(), so probes see NOT_SERVING until ready
     runner = asyncio.create_task(agent.run())
     try:
         await kubelet.wait_for(lambda: bool(kubelet.devices(RESOURCE)), timeout=10)
@@ -56,6 +58,7 @@ async def _demo(root: Path, once: bool, metrics_address: str, health_address: st
         print_kubelet_view(kubelet, agent)
         await print_allocation(kubelet, agent)
         if not once:
+            print_endpoints(agent)
             print("\nServing. The kubelet stand-in keeps its ListAndWatch stream open; Ctrl-C to stop.")
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
@@ -68,6 +71,16 @@ async def _demo(root: Path, once: bool, metrics_address: str, health_address: st
             await runner
         await kubelet.stop()
     return 0
+
+
+def print_endpoints(agent: Agent) -> None:
+    if agent.metrics_server is not None:
+        m = agent.metrics_server
+        print(f"\nMetrics: curl http://{m.host}:{m.port}/metrics")
+    if agent.health is not None:
+        h = agent.health
+        print(f"Health:  grpc.health.v1 on {h.host}:{h.port} (\"\", deviceplugin, lifecycle, monitor)")
+        print(f"Status:  sriov-rdma-agent status --address {h.host}:{h.port}")
 
 
 def print_node(node: SimNode, root: Path) -> None:

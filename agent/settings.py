@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from agent.errors import ConfigError
+
 ENV_PREFIX = "SRIOV_RDMA_AGENT_"
 
 DEFAULT_CONFIG = "/etc/sriov-rdma-agent/config.yaml"  # inside the container: a mounted ConfigMap
@@ -39,3 +41,11 @@ class Settings:
 def env_name(flag: str) -> str:
     """--device-plugin-dir -> SRIOV_RDMA_AGENT_DEVICE_PLUGIN_DIR."""
     return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+
+
+def split_address(address: str, flag: str) -> tuple[str, int]:
+    """"0.0.0.0:9808" / "[::1]:9808" -> (host, port); a ConfigError names the flag and value."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(flag, address, "expected host:port, e.g. 0.0.0.0:9808")
+    return host.strip("[]") or "0.0.0.0", int(port)

@@ -136,6 +136,19 @@ class SysfsHost:
             return None
         return self._rdma(d, name)
 
+    def read_port_counters(self, rdma: str, port: int, group: str) -> dict[str, int]:
+        """Integer files of ports/<port>/<group> ("counters" or "hw_counters") of an RDMA device.
+
+        Files the kernel refuses or that hold no integer ("N/A (no PMA)") are left out, as
+        node_exporter does; a missing group gives an empty dict.
+        """
+        d = self.sys / "class/infiniband" / rdma / "ports" / str(port) / group
+        return _int_files(d, _listdir(d))
+
+    def read_netdev_stats(self, ifname: str, names: tuple[str, ...]) -> dict[str, int]:
+        """The named files of /sys/class/net/<ifname>/statistics (empty when the netdev is not here)."""
+        return _int_files(self.sys / "class/net" / ifname / "statistics", names)
+
     def dev_path_exists(self, dev_path: str) -> bool:
         """Is /dev/<...> present on the host (checked under --dev-root)."""
         return (self.dev / dev_path.removeprefix("/dev/")).exists()
@@ -222,6 +235,18 @@ def _read_opt(path: Path) -> str | None:
         if e.errno in (errno.EINVAL, errno.ENODEV, errno.EOPNOTSUPP, errno.ENXIO, errno.ENOTDIR):
             return None
         raise SysfsError(str(path), e.errno or errno.EIO) from e
+
+
+def _int_files(d: Path, names: list[str] | tuple[str, ...]) -> dict[str, int]:
+    out = {}
+    for name in names:
+        try:
+            text = _read_opt(d / name)
+        except SysfsError:
+            continue  # EACCES and friends on one counter must not hide the others
+        if text is not None and text.isdigit():
+            out[name] = int(text)
+    return out
 
 
 def _link_name(path: Path) -> str | None:

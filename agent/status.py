@@ -1,0 +1,184 @@
+"""What the agent observes, as rows: read at scrape time by metrics and on request by `status`.
+
+Both views are built from the same rows so `sriov-rdma-agent status` and the dashboard never
+disagree. Nothing here polls: the rows are computed from the agent's current state when asked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+from agent.config import Config
+from agent.core.discovery import Resolution
+from agent.core.inventory import NodeState
+from agent.model import Health, PfInfo, ResourceView
+
+
+@dataclass(frozen=True)
+class PodRef:
+    """The container a device is assigned to, as the kubelet PodResources API reports it."""
+
+    namespace: str
+    pod: str
+    container: str
+
+
+class PodDirectory(Protocol):
+    """Which container holds which device. Raises an AgentError when the kubelet cannot be asked."""
+
+    async def device_owners(self) -> Mapping[tuple[str, str], PodRef]:
+        """(resource name, device ID) -> the container it is assigned to."""
+        ...
+
+
+class _Hub(Protocol):
+    @property
+    def views(self) -> Mapping[str, ResourceView]: ...
+
+
+class _Registration(Protocol):
+    @property
+    def registered(self) -> bool: ...
+
+
+class ObservedAgent(Protocol):
+    """The parts of agent.app.Agent that metrics and status read (all plain state)."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def node(self) -> NodeState: ...
+
+    @property
+    def resolution(self) -> Resolution: ...
+
+    @property
+    def hub(self) -> _Hub: ...
+
+    @property
+    def allocations(self) -> Mapping[str, object]: ...
+
+    @property
+    def lifecycles(self) -> Mapping[str, _Registration]: ...
+
+
+@dataclass(frozen=True)
+class PfRow:
+    resource: str
+    pf: PfInfo
+    desired_vfs: int | None  # None: externally managed without numVfs
+
+
+@dataclass(frozen=True)
+class VfRow:
+    resource: str
+    pf: str  # PF PCI address
+    vf: str  # VF PCI address = the device ID the kubelet sees
+    index: int
+    netdev: str
+    rdma_device: str
+    healthy: bool
+    reason: str
+    allocated: bool
+    owner: PodRef | None
+
+
+def pf_rows(agent: ObservedAgent) -> list[PfRow]:
+    """Every configured PF that is present, in config order."""
+    rows = []
+    for m in agent.resolution.matches:
+        pf = agent.node.pfs.get(m.pci_address)
+        if pf is not None:
+            rows.append(PfRow(m.resource.resource_name, pf, m.pf.num_vfs))
+    return rows
+
+
+def vf_rows(agent: ObservedAgent, owners: Mapping[tuple[str, str], PodRef] | None) -> list[VfRow]:
+    """Every advertised VF. ``owners`` None means PodResources was unreachable: then "allocated"
+    falls back to the agent's own Allocate records, which cannot tell when a pod has gone."""
+    rows = []
+    for resource, view in sorted(agent.hub.views.items()):
+        for d in view.devices:
+            found = agent.node.vf(d.id)
+            vf = found[1] if found else None
+            owner = owners.get((resource, d.id)) if owners is not None else None
+            allocated = owner is not None if owners is not None else d.id in agent.allocations
+            rows.append(VfRow(
+                resource=resource, pf=d.pf_pci_address, vf=d.id, index=vf.index if vf else -1,
+                netdev=vf.netdev.name if vf and vf.netdev else "",
+                rdma_device=vf.rdma.name if vf and vf.rdma else "",
+                healthy=d.health is Health.HEALTHY, reason=d.reason, allocated=allocated, owner=owner,
+            ))
+    return rows
+
+
+def status_document(agent: ObservedAgent, owners: Mapping[tuple[str, str], PodRef] | None) -> dict[str, Any]:
+    """A JSON-ready picture of the node for `sriov-rdma-agent status`."""
+    pfs = []
+    for row in pf_rows(agent):
+        pf = row.pf
+        port = pf.rdma.ports[0] if pf.rdma and pf.rdma.ports else None
+        pfs.append({
+            "resource": row.resource, "pf": pf.pci_address, "netdev": pf.netdev.name if pf.netdev else "",
+            "link": ("up" if pf.netdev.carrier else "down") if pf.netdev else "absent",
+            "speed_mbps": pf.netdev.speed_mbps if pf.netdev else None,
+            "mtu": pf.netdev.mtu if pf.netdev else None,
+            "vfs": pf.sriov_numvfs, "desired_vfs": row.desired_vfs, "max_vfs": pf.sriov_totalvfs,
+            "eswitch_mode": pf.eswitch_mode,
+            "rdma_device": pf.rdma.name if pf.rdma else "",
+            "rdma_state": f"{port.state}: {port.state_name}" if port else "",
+        })
+    vfs = []
+    for v in vf_rows(agent, owners):
+        item = asdict(v)
+        item["owner"] = asdict(v.owner) if v.owner else None
+        vfs.append(item)
+    return {
+        "pfs": pfs,
+        "vfs": vfs,
+        "registered": {name: lc.registered for name, lc in sorted(agent.lifecycles.items())},
+        "pod_resources": owners is not None,
+        "problems": list(agent.resolution.problems),
+    }
+
+
+def render(doc: Mapping[str, Any]) -> str:
+    """The status document as fixed-width tables a person reads in a terminal."""
+    lines = ["PHYSICAL FUNCTIONS"]
+    pf_cols = ("RESOURCE", "PF", "NETDEV", "LINK", "SPEED", "MTU", "VFS", "ESWITCH", "RDMA", "PORT")
+    pf_table: list[tuple[str, ...]] = [pf_cols]
+    for p in doc["pfs"]:
+        want = "" if p["desired_vfs"] is None else f"/{p['desired_vfs']}"
+        speed = f"{p['speed_mbps'] // 1000}G" if p["speed_mbps"] else "-"
+        pf_table.append((p["resource"], p["pf"], p["netdev"] or "-", p["link"], speed,
+                         str(p["mtu"] or "-"), f"{p['vfs']}{want} (max {p['max_vfs']})",
+                         p["eswitch_mode"] or "-", p["rdma_device"] or "-", p["rdma_state"] or "-"))
+    lines += _table(pf_table)
+    lines += ["", "VIRTUAL FUNCTIONS"]
+    vf_cols = ("RESOURCE", "VF", "PF", "#", "NETDEV", "RDMA", "HEALTH", "ALLOCATED", "POD")
+    vf_table: list[tuple[str, ...]] = [vf_cols]
+    for v in doc["vfs"]:
+        health = "Healthy" if v["healthy"] else f"Unhealthy ({v['reason']})"
+        owner = v["owner"]
+        pod = f"{owner['namespace']}/{owner['pod']}/{owner['container']}" if owner else "-"
+        vf_table.append((v["resource"], v["vf"], v["pf"], str(v["index"]), v["netdev"] or "-",
+                         v["rdma_device"] or "-", health, "yes" if v["allocated"] else "no", pod))
+    lines += _table(vf_table)
+    lines.append("")
+    reg = ", ".join(f"{r}: {'registered' if ok else 'NOT registered'}" for r, ok in doc["registered"].items())
+    lines.append(f"kubelet: {reg or 'no resources'}")
+    for component, h in doc.get("health", {}).items():
+        state = "SERVING" if h["serving"] else "NOT_SERVING"
+        lines.append(f"health {component}: {state}{' (' + h['reason'] + ')' if h['reason'] else ''}")
+    if not doc["pod_resources"]:
+        lines.append("pods: kubelet PodResources API unreachable; ALLOCATED is from the agent's own records")
+    lines += [f"problem: {p}" for p in doc["problems"]]
+    return "\n".join(lines)
+
+
+def _table(rows: Sequence[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
