@@ -1,0 +1,64 @@
+"""Guest-side fixtures: these tests run inside the VM (tests/vm/test_vm.py boots it), never on the host."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from guestlib import NETDEVSIM_BUS, NVME_CLASS, SYS_PCI, read, run, set_numvfs, uplink, wait_for, write_sysfs
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not os.environ.get("VM_RESULTS"):
+        raise pytest.UsageError("tests/vm/guest runs inside the test VM only (see tests/vm/test_vm.py)")
+
+
+@pytest.fixture
+def nvme_pf() -> Iterator[Path]:
+    """The emulated NVMe controller with SR-IOV (QEMU nvme, sriov_max_vfs), with 0 VFs before and after."""
+    pfs = [d for d in SYS_PCI.iterdir()
+           if (d / "sriov_totalvfs").exists() and read(d / "class") == NVME_CLASS]
+    assert len(pfs) == 1, f"expected one SR-IOV NVMe PF, found {pfs}"
+    pf = pfs[0].resolve()
+    wait_for((pf / "driver").exists, what=f"nvme driver bound to {pf.name}")
+    set_numvfs(pf, 0)
+    yield pf
+    set_numvfs(pf, 0)
+
+
+_nsim_ids = iter(range(10, 10_000))
+
+
+@pytest.fixture
+def netdevsim() -> Iterator[tuple[Path, str]]:
+    """A fresh netdevsim device with one port: (its sysfs dir, the port's netdev name)."""
+    dev_id = next(_nsim_ids)
+    write_sysfs(NETDEVSIM_BUS / "new_device", f"{dev_id} 1")
+    dev = NETDEVSIM_BUS / "devices" / f"netdevsim{dev_id}"
+    wait_for(lambda: (dev / "net").exists() and any((dev / "net").iterdir()), what=f"{dev.name} netdev")
+    netdev = next((dev / "net").iterdir()).name
+    yield dev, netdev
+    with contextlib.suppress(OSError):
+        write_sysfs(NETDEVSIM_BUS / "del_device", str(dev_id))
+
+
+
+RXE = "rxe0"
+
+
+@pytest.fixture
+def rxe() -> Iterator[tuple[str, str]]:
+    """Soft-RoCE device rxe0 on the virtio-net interface, link up: (rdma device, netdev)."""
+    netdev = uplink()
+    assert run("ip", "link", "set", netdev, "up").returncode == 0
+    ib = Path("/sys/class/infiniband", RXE)
+    if not ib.exists():
+        r = run("rdma", "link", "add", RXE, "type", "rxe", "netdev", netdev)
+        assert r.returncode == 0, f"rdma link add failed: {r.stderr}"
+    wait_for(lambda: read(ib / "ports" / "1" / "state") == "4: ACTIVE", what=f"{RXE} port ACTIVE")
+    yield RXE, netdev
+    run("ip", "link", "set", netdev, "up")
+
