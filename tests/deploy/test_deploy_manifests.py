@@ -22,6 +22,7 @@ import pytest
 
 import agent
 from agent import settings as defaults
+from agent.adapters import health_server
 from agent.adapters.sysfs import SysfsHost
 from agent.cli import build_parser, settings_from_args
 from agent.config import Config, parse_config
@@ -37,8 +38,8 @@ CRD_SCHEMAS = {
     ("operator.victoriametrics.com/v1beta1", "VMPodScrape"): "vmpodscrape.json",
     ("k8s.cni.cncf.io/v1", "NetworkAttachmentDefinition"): "network-attachment-definition.json",
 }
-# grpc.health.v1 services the agent publishes (observability issue): overall "" plus one per component.
-HEALTH_SERVICES = {"", "deviceplugin", "lifecycle", "monitor"}
+# grpc.health.v1 services the agent publishes: overall "" plus one per component.
+HEALTH_SERVICES = {health_server.OVERALL, *health_server.COMPONENTS}
 RESOURCE = "nvidia.com/cx7_qsfp"
 
 
