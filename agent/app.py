@@ -13,16 +13,20 @@ from pathlib import Path
 from typing import Any
 
 from agent.adapters.deviceplugin import DevicePluginServer, DevicePluginServicer
+from agent.adapters.executor import VfNetlinkPort
 from agent.adapters.health_server import DEVICEPLUGIN, LIFECYCLE, MONITOR, HealthServer
 from agent.adapters.kubelet import PluginLifecycle
 from agent.adapters.metrics import AgentMetrics, MetricsServer, build_metrics
+from agent.adapters.netlink_vf import PyrouteVfNetlink
+from agent.adapters.podresources import PodResourcesClient
 from agent.adapters.sysfs import SysfsHost, SysfsWriter
 from agent.config import Config, ResourceConfig, parse_config
 from agent.core.discovery import Resolution, pf_problem, resolve_pfs
 from agent.core.inventory import NodeState, allocate, build_view, preferred_allocation
 from agent.errors import AllocationError, ConfigError, SysfsError
+from agent.lifecycle import Lifecycle
 from agent.logs import ctx
-from agent.model import ContainerAllocation, PfInfo, ResourceView
+from agent.model import ContainerAllocation, PfInfo, PfReconcileStatus, ResourceView
 from agent.settings import Settings
 from agent.stats import Stats
 from agent.status import status_document
@@ -107,6 +111,9 @@ class Agent:
     allocations: dict[str, Allocation] = field(default_factory=dict)
     lifecycles: dict[str, PluginLifecycle] = field(default_factory=dict)
     extra_tasks: list[RootTask] = field(default_factory=list)
+    before_serving: list[RootTask] = field(default_factory=list)  # awaited after the first scan
+    pf_listeners: list[Callable[[frozenset[str]], None]] = field(default_factory=list)  # PFs (re)appeared
+    reconcile_status: dict[str, PfReconcileStatus] = field(default_factory=dict)  # by PF, last reconcile
     stats: Stats = field(default_factory=Stats)
     started_at: float = field(default_factory=time.monotonic)
     metrics: AgentMetrics | None = None
@@ -153,7 +160,13 @@ class Agent:
         """Re-read the node and push any change to the kubelet at once."""
         async with self._scan_lock:
             res, node = self.scan()
+            before = {a for a, p in self.node.pfs.items() if p.driver}
+            scanned_before = bool(self.resolution.matches or self.resolution.problems)
             self.resolution, self.node = res, node
+            appeared = frozenset(a for a, p in node.pfs.items() if p.driver) - before
+            if appeared and scanned_before:
+                for listener in self.pf_listeners:
+                    listener(appeared)
             self._report_scan(res, node)
             in_pod = self.in_pod()
             for resource in self.config.resources:
@@ -201,6 +214,8 @@ class Agent:
     async def run(self, ready: asyncio.Event | None = None) -> None:
         self._run_task = asyncio.current_task()
         await self.rescan("startup")
+        for hook in self.before_serving:
+            await hook(self)
         async with asyncio.TaskGroup() as tg:
             for resource in self.config.resources:
                 backend = ResourceBackend(self, resource)
@@ -281,10 +296,17 @@ def load_config(path: str) -> Config:
     return parse_config(text)
 
 
-def build_agent(settings: Settings, config: Config, writer: SysfsWriter | None = None) -> Agent:
+def build_agent(settings: Settings, config: Config, writer: SysfsWriter | None = None,
+                netlink: VfNetlinkPort | None = None) -> Agent:
+    """The agent for a node. VFs are managed on the real host (sysfs root "/") and on a simulated
+    tree when a kernel-faithful ``writer`` is given; plain file writes into a simulated tree would
+    emulate nothing, so without one a simulated node is only observed."""
     sysfs = SysfsHost(settings.sysfs_root, dev_root=settings.dev_root, writer=writer)
     agent = Agent(settings=settings, config=config, sysfs=sysfs)
-    agent.metrics = build_metrics(agent, agent.stats, sysfs)
+    pods = PodResourcesClient(settings.pod_resources_socket)
+    agent.metrics = build_metrics(agent, agent.stats, sysfs, pods=pods)
+    if writer is not None or Path(settings.sysfs_root).resolve() == Path("/"):
+        Lifecycle(agent, netlink or PyrouteVfNetlink()).install()
     if settings.health_address:
         agent.health = HealthServer(settings.health_address, status=agent.status)
     return agent

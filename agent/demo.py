@@ -11,6 +11,7 @@ from pathlib import Path
 from agent.app import Agent, build_agent
 from agent.config import parse_config
 from agent.settings import Settings
+from agent.sim.kernel import SimKernel, SimNetlink
 from agent.sim.kubelet import FakeKubelet
 from agent.sim.node import SimNode, dgx_spark
 
@@ -43,12 +44,14 @@ def run_demo(once: bool = False, metrics_address: str = "", health_address: str 
 
 
 async def _demo(root: Path, once: bool, metrics_address: str, health_address: str) -> int:
-    node = dgx_spark(root)
+    node = dgx_spark(root, numvfs=0)  # a freshly booted node: the agent creates the VFs
+    netlink = SimNetlink(node)
+    kernel = SimKernel(node, netlink=netlink)
     (root / "config.yaml").write_text(DEMO_CONFIG)
     settings = demo_settings(root, metrics_address, health_address)
     kubelet = FakeKubelet(settings.device_plugin_dir)
     await kubelet.start()
-    agent = build_agent(settings, parse_config(DEMO_CONFIG))
+    agent = build_agent(settings, parse_config(DEMO_CONFIG), writer=kernel, netlink=netlink)
     if not once:
         await agent.start_observability()  # before run(), so probes see NOT_SERVING until ready
     runner = asyncio.create_task(agent.run())

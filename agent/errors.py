@@ -68,3 +68,13 @@ class NetlinkOpError(AgentError):
         self.code = code
         name = _errno.errorcode.get(code, str(code))
         super().__init__(f"netlink {op} on {link}: {name} ({os.strerror(code)})")
+
+
+class OperationTimeoutError(AgentError):
+    """A blocking kernel operation (sysfs write, wait for VFs) did not finish in time."""
+
+    def __init__(self, op: str, device: str, seconds: float, detail: str = "") -> None:
+        self.op = op
+        self.device = device
+        self.seconds = seconds
+        super().__init__(f"{op} on {device}: no result after {seconds:g}s{'; ' + detail if detail else ''}")

@@ -162,3 +162,20 @@ class ContainerAllocation:
     envs: dict[str, str] = field(default_factory=dict)
     devices: tuple[DeviceSpecOut, ...] = ()
     devinfo: dict[str, str] = field(default_factory=dict)  # file name -> JSON content
+
+
+@dataclass(frozen=True)
+class PfReconcileStatus:
+    """The outcome of the last VF lifecycle reconcile of one configured PF (for status and metrics)."""
+
+    pf: str  # PCI address, or the config selector when the PF was not found
+    resource: str
+    state: str  # "ok", "refused", "error", "external", "not_found", "hung"
+    desired_vfs: int | None = None
+    actual_vfs: int | None = None
+    total_vfs: int | None = None
+    eswitch_mode: str | None = None  # "legacy"/"switchdev"; None when devlink cannot tell
+    reason: str = ""  # metric label of the refusal or error ("vf_in_use", "over_totalvfs", ...)
+    message: str = ""
+    actions_applied: int = 0
+    updated_at: float = 0.0  # time.time() of the reconcile

@@ -1,0 +1,160 @@
+"""PF-side VF settings, MTU and admin state over rtnetlink (pyroute2), eswitch mode over devlink.
+
+Blocking calls: the executor runs them in worker threads. A link dump carries VF info
+(IFLA_NUM_VF, IFLA_VFINFO_LIST) only when the request sets IFLA_EXT_MASK = RTEXT_FILTER_VF, so
+every read passes ``ext_mask=1``. Kernel errors become NetlinkOpError with the errno.
+
+``apply_vf_settings`` / ``read_vf_settings`` are the entry points for a real kernel (the VM tier
+drives them against netdevsim VFs).
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+from pyroute2 import DL, IPRoute
+from pyroute2.netlink import NLM_F_REQUEST
+from pyroute2.netlink.devlink import DEVLINK_NAMES, devlinkcmd
+from pyroute2.netlink.exceptions import NetlinkError
+
+from agent.config import VfSettings
+from agent.core.reconcile import LINK_STATES, PfLink, VfAttrs, VfChange
+from agent.errors import NetlinkOpError
+
+RTEXT_FILTER_VF = 1
+# enum devlink_eswitch_mode (uapi/linux/devlink.h)
+ESWITCH_MODES = {0: "legacy", 1: "switchdev"}
+# pyroute2 decodes an unset rate/vlan as 0; the kernel reports "no admin MAC" as all zeroes.
+ZERO_MAC = "00:00:00:00:00:00"
+
+
+def vf_request(index: int, change: VfChange) -> dict[str, Any]:
+    """The ``vf=`` argument of IPRoute.link("set") for one VF: only the attributes being changed."""
+    spec: dict[str, Any] = {"vf": index}
+    if change.mac is not None:
+        spec["mac"] = change.mac
+    if change.trust is not None:
+        spec["trust"] = int(change.trust)
+    if change.spoofchk is not None:
+        spec["spoofchk"] = int(change.spoofchk)
+    if change.link_state is not None:
+        spec["link_state"] = LINK_STATES.index(change.link_state)
+    if change.vlan is not None:
+        spec["vlan"] = {"vlan": change.vlan, "qos": change.qos or 0}
+    if change.min_tx_rate is not None or change.max_tx_rate is not None:
+        spec["rate"] = {"min_tx_rate": change.min_tx_rate or 0, "max_tx_rate": change.max_tx_rate or 0}
+    return spec
+
+
+def settings_change(settings: VfSettings, mac: str | None = None) -> VfChange:
+    """Every attribute the settings name (no comparison with the kernel): what a fresh VF gets."""
+    rate = settings.min_tx_rate is not None or settings.max_tx_rate is not None
+    return VfChange(
+        mac=mac, trust=settings.trust, spoofchk=settings.spoofchk, link_state=settings.link_state,
+        vlan=settings.vlan, qos=(settings.qos or 0) if settings.vlan is not None else None,
+        min_tx_rate=(settings.min_tx_rate or 0) if rate else None,
+        max_tx_rate=(settings.max_tx_rate or 0) if rate else None,
+    )
+
+
+def parse_link(msg: Any) -> PfLink:
+    """An RTM_NEWLINK message (requested with RTEXT_FILTER_VF) -> PfLink with every VF's attributes."""
+    vfs = []
+    vflist = msg.get_attr("IFLA_VFINFO_LIST")
+    for info in vflist.get_attrs("IFLA_VF_INFO") if vflist is not None else ():
+        vfs.append(_parse_vf(info))
+    return PfLink(
+        ifname=msg.get_attr("IFLA_IFNAME") or "",
+        ifindex=int(msg["index"]),
+        mtu=int(msg.get_attr("IFLA_MTU") or 0),
+        admin_up=bool(msg["flags"] & 1),  # IFF_UP
+        vfs=tuple(sorted(vfs, key=lambda v: v.index)),
+    )
+
+
+def _parse_vf(info: Any) -> VfAttrs:
+    def field(nla: str, key: str) -> Any:
+        attr = info.get_attr(nla)
+        return None if attr is None else attr.get(key)
+
+    mac = field("IFLA_VF_MAC", "mac")
+    link_state = field("IFLA_VF_LINK_STATE", "link_state")
+    trust = field("IFLA_VF_TRUST", "trust")
+    spoof = field("IFLA_VF_SPOOFCHK", "spoofchk")
+    return VfAttrs(
+        index=int(field("IFLA_VF_MAC", "vf") or 0),
+        mac=(mac or ZERO_MAC).lower(),
+        trust=None if trust is None else bool(trust),
+        spoofchk=None if spoof is None or spoof == 0xFFFFFFFF else bool(spoof),  # -1: not supported
+        link_state=LINK_STATES[link_state] if isinstance(link_state, int) and link_state < 3 else None,
+        vlan=int(field("IFLA_VF_VLAN", "vlan") or 0),
+        qos=int(field("IFLA_VF_VLAN", "qos") or 0),
+        min_tx_rate=field("IFLA_VF_RATE", "min_tx_rate"),
+        max_tx_rate=field("IFLA_VF_RATE", "max_tx_rate"),
+    )
+
+
+class PyrouteVfNetlink:
+    """The netlink port of the executor on a real node (host network namespace)."""
+
+    def _ifindex(self, ipr: IPRoute, ifname: str) -> int:
+        found = ipr.link_lookup(ifname=ifname)
+        if not found:
+            raise NetlinkOpError("lookup", ifname, errno.ENODEV)
+        return int(found[0])
+
+    def read_pf(self, ifname: str) -> PfLink:
+        with IPRoute() as ipr:
+            try:
+                (msg,) = ipr.link("get", index=self._ifindex(ipr, ifname), ext_mask=RTEXT_FILTER_VF)
+            except NetlinkError as e:
+                raise NetlinkOpError("getlink", ifname, e.code) from e
+        return parse_link(msg)
+
+    def set_vf(self, ifname: str, vf: int, change: VfChange) -> None:
+        self._set(ifname, "setlink vf", vf=vf_request(vf, change))
+
+    def set_mtu(self, ifname: str, mtu: int) -> None:
+        self._set(ifname, "setlink mtu", mtu=mtu)
+
+    def set_up(self, ifname: str) -> None:
+        self._set(ifname, "setlink up", state="up")
+
+    def _set(self, ifname: str, op: str, **kwargs: Any) -> None:
+        with IPRoute() as ipr:
+            try:
+                ipr.link("set", index=self._ifindex(ipr, ifname), **kwargs)
+            except NetlinkError as e:
+                raise NetlinkOpError(op, ifname, e.code) from e
+
+    def eswitch_mode(self, pci_address: str) -> str | None:
+        """devlink eswitch mode of pci/<addr>; None when the kernel has no devlink or the device none."""
+        msg = devlinkcmd()
+        msg["cmd"] = DEVLINK_NAMES["DEVLINK_CMD_ESWITCH_GET"]
+        msg["version"] = 1
+        msg["attrs"] = [("DEVLINK_ATTR_BUS_NAME", "pci"), ("DEVLINK_ATTR_DEV_NAME", pci_address)]
+        try:
+            with DL() as dl:
+                replies = dl.nlm_request(msg, msg_type=dl.prid, msg_flags=NLM_F_REQUEST)
+        except NetlinkError as e:
+            if e.code in (errno.ENOENT, errno.ENODEV, errno.EOPNOTSUPP, errno.EINVAL):
+                return None  # no devlink family, no such devlink device, or no eswitch
+            raise NetlinkOpError("devlink eswitch get", pci_address, e.code) from e
+        for reply in replies:
+            mode = reply.get_attr("DEVLINK_ATTR_ESWITCH_MODE")
+            if mode is not None:
+                return ESWITCH_MODES.get(int(mode), str(mode))
+        return None
+
+
+def apply_vf_settings(pf_ifname: str, vf: int, settings: VfSettings, mac: str | None = None) -> None:
+    """Set every attribute ``settings`` names on VF ``vf`` of the PF ``pf_ifname``."""
+    change = settings_change(settings, mac)
+    if change:
+        PyrouteVfNetlink().set_vf(pf_ifname, vf, change)
+
+
+def read_vf_settings(pf_ifname: str) -> tuple[VfAttrs, ...]:
+    """The PF-side attributes of every VF of ``pf_ifname``, as the kernel reports them."""
+    return PyrouteVfNetlink().read_pf(pf_ifname).vfs

@@ -1,0 +1,342 @@
+"""VF lifecycle: observe the node, plan (agent.core.reconcile), apply (executor), report, repeat.
+
+A reconcile runs before the agent starts serving, again when the config file changes and when a
+configured PF (re)appears. It keeps no state on disk: every reconcile starts from what the kernel
+shows, so a rebooted node (sriov_numvfs back to 0) is rebuilt from the config alone. All kernel
+work runs in worker threads; the event loop keeps serving ListAndWatch and health throughout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from agent.adapters.executor import Executor, Timeouts, VfNetlinkPort, error_reason
+from agent.adapters.inotify import IN_CLOSE_WRITE, IN_CREATE, IN_DELETE, IN_MOVED_TO, Inotify
+from agent.adapters.podresources import PodResourcesClient
+from agent.config import Config, parse_config
+from agent.core.discovery import Resolution
+from agent.core.reconcile import (
+    Action,
+    Desired,
+    Observed,
+    PfDesired,
+    PfObserved,
+    Refuse,
+    SetNumVfs,
+    VfObserved,
+    Warn,
+    mutates,
+    plan,
+)
+from agent.errors import AgentError, ConfigError, NetlinkOpError, OperationTimeoutError, SysfsError
+from agent.logs import ctx
+from agent.model import PfReconcileStatus
+
+if TYPE_CHECKING:
+    from agent.app import Agent
+
+log = logging.getLogger(__name__)
+
+# Kubelet records an allocation in PodResources only after Allocate returns: trust our own record
+# for this long after an Allocate, even when PodResources answers.
+ALLOCATE_GRACE_S = 60.0
+
+
+@dataclass
+class _Run:
+    """What one reconcile did, PF by PF."""
+
+    applied: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    failed: dict[str, tuple[str, str]] = field(default_factory=dict)  # PF -> (reason, message)
+    notes: dict[str, Refuse | Warn] = field(default_factory=dict)  # PF -> its refusal or first warning
+
+
+class Lifecycle:
+    def __init__(self, agent: Agent, netlink: VfNetlinkPort, timeouts: Timeouts | None = None,
+                 startup_wait: float = 30.0, max_rounds: int = 4) -> None:
+        self.agent = agent
+        self.netlink = netlink
+        self.executor = Executor(agent.sysfs, netlink, timeouts)
+        self.pods = PodResourcesClient(agent.settings.pod_resources_socket)
+        self.startup_wait = startup_wait
+        self.max_rounds = max_rounds
+        self.config_error = ""  # why the last config reload was rejected ("" when it was accepted)
+        self._config_text = _read_text(agent.settings.config)
+        self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._reasons: list[str] = []
+        self._first: asyncio.Task[None] | None = None
+        self._pod_source = ""
+
+    # ------------------------------------------------------------ wiring
+    def install(self) -> None:
+        """Hook into the agent: reconcile before serving, then watch for reasons to reconcile again."""
+        self.agent.before_serving.append(self.before_serving)
+        self.agent.extra_tasks.append(self.run)
+        self.agent.pf_listeners.append(lambda pfs: self.trigger(f"PF appeared: {', '.join(sorted(pfs))}"))
+
+    def trigger(self, reason: str) -> None:
+        self._reasons.append(reason)
+        self._wake.set()
+
+    async def before_serving(self, agent: Agent) -> None:
+        """The startup reconcile; serving starts when it is done or after ``startup_wait`` at most."""
+        self._first = asyncio.create_task(self.reconcile("startup"), name="reconcile-startup")
+        done, _ = await asyncio.wait({self._first}, timeout=self.startup_wait)
+        if not done:
+            log.warning("startup reconcile still running after %gs; serving meanwhile", self.startup_wait,
+                        extra=ctx("reconcile"))
+
+    async def run(self, agent: Agent) -> None:
+        """Root task: finish the startup reconcile, then reconcile on config change and PF re-appearance."""
+        if self._first is not None:
+            await self._first
+        self._reasons.clear()
+        self._wake.clear()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.watch_config(), name="config-watch")
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                reasons, self._reasons = self._reasons, []
+                await self.reconcile("; ".join(dict.fromkeys(reasons)))
+
+    # ------------------------------------------------------------ config hot-reload
+    async def watch_config(self) -> None:
+        """inotify on the config's directory: a ConfigMap update is an atomic ``..data`` symlink swap."""
+        path = Path(self.agent.settings.config)
+        ino = Inotify()
+        try:
+            try:
+                ino.watch(str(path.parent), IN_CREATE | IN_MOVED_TO | IN_CLOSE_WRITE | IN_DELETE)
+            except SysfsError as e:
+                log.error("config hot-reload disabled: %s", e, extra=ctx("config-reload", str(path)))
+                await asyncio.Event().wait()
+            async for ev in ino.events():
+                if ev.name in (path.name, "..data"):
+                    self.reload_config()
+        finally:
+            ino.close()
+
+    def reload_config(self) -> bool:
+        """Re-read the config file; adopt it if it is new and valid. False when it was rejected."""
+        path = self.agent.settings.config
+        text = _read_text(path)
+        if text is None or text == self._config_text:
+            return True
+        self._config_text = text
+        try:
+            new = parse_config(text)
+        except ConfigError as e:
+            self.config_error = str(e)
+            self.agent.stats.inc("config_reloads", result="invalid")
+            log.error("new config rejected; keeping the last good one: %s", e,
+                      extra=ctx("config-reload", path))
+            return False
+        self.config_error = ""
+        self.agent.stats.inc("config_reloads", result="ok")
+        old_names = {r.resource_name for r in self.agent.config.resources}
+        new_names = {r.resource_name for r in new.resources}
+        if old_names != new_names:
+            log.warning("resources changed (%s -> %s): restart the agent to serve the new set; VF settings "
+                        "apply now", sorted(old_names), sorted(new_names), extra=ctx("config-reload", path))
+        self.agent.config = new
+        log.info("config reloaded", extra=ctx("config-reload", path))
+        self.trigger("config changed")
+        return True
+
+    # ------------------------------------------------------------ reconcile
+    async def reconcile(self, trigger: str) -> None:
+        """Plan and apply until the node matches the config (or only refusals are left)."""
+        async with self._lock:
+            started = time.monotonic()
+            config = self.agent.config
+            res = await self.executor.call("resolve", "resolve PFs", self.executor.timeouts.netlink,
+                                           self.agent.resolve)
+            desired = self.desired(config, res)
+            run = _Run()
+            observed = Observed({})
+            for _ in range(self.max_rounds):
+                observed = await self.observe(desired)
+                live = Desired(tuple(p for p in desired.pfs if p.pci_address not in run.failed))
+                actions = plan(live, observed)
+                self._note(actions, run.notes)
+                todo = [a for a in actions if not isinstance(a, Refuse | Warn)]
+                if not todo:
+                    break
+                await self._apply(todo, run)
+                await self.agent.rescan("reconcile")
+            else:
+                for p in desired.pfs:
+                    run.failed.setdefault(p.pci_address, ("not_converged", "still not in the desired state"))
+            self._publish(config, res, desired, observed, run)
+            total = sum(run.applied.values())
+            if total or run.failed:
+                log.info("reconcile done (%s): %d change(s), %d PF(s) failing, %.0f ms", trigger, total,
+                         len(run.failed), (time.monotonic() - started) * 1000, extra=ctx("reconcile"))
+
+    async def _apply(self, todo: Sequence[Action], run: _Run) -> None:
+        applied, failed = run.applied, run.failed
+        for action in todo:
+            if action.pf in failed:
+                continue
+            try:
+                await self.executor.apply(action)
+            except AgentError as e:
+                reason, hint = error_reason(e)
+                message = f"{e}; {hint}" if hint else str(e)
+                failed[action.pf] = (reason, message)
+                self.agent.stats.inc("reconcile_errors", pf=action.pf, reason=reason)
+                log.error("%s failed: %s", action.describe(), message,
+                          extra=ctx("reconcile", action.pf, pf=action.pf, reason=reason))
+                continue
+            if mutates(action):
+                applied[action.pf] += 1
+            self.agent.stats.inc("reconcile_actions", pf=action.pf, action=action.kind)
+            log.info("%s", action.describe(), extra=ctx(action.kind, action.pf, pf=action.pf))
+
+    def _note(self, actions: Iterable[Action], notes: dict[str, Refuse | Warn]) -> None:
+        """Log each refusal and warning once per reconcile; refusals also count as errors."""
+        for a in actions:
+            if not isinstance(a, Refuse | Warn) or (a.pf in notes and notes[a.pf] == a):
+                continue
+            if isinstance(a, Refuse):
+                self.agent.stats.inc("reconcile_errors", pf=a.pf, reason=a.reason)
+                log.error("refused: %s", a.message, extra=ctx("reconcile", a.pf, pf=a.pf, reason=a.reason))
+            else:
+                log.warning("%s", a.message, extra=ctx("reconcile", a.pf, pf=a.pf, reason=a.reason))
+            if a.pf not in notes or isinstance(a, Refuse):
+                notes[a.pf] = a
+
+    def desired(self, config: Config, res: Resolution) -> Desired:
+        rdma = {r.resource_name: r.rdma for r in config.resources}
+        return Desired(tuple(
+            PfDesired(m.pci_address, m.resource.resource_name, m.pf, rdma.get(m.resource.resource_name, True),
+                      self.agent.settings.node_name)
+            for m in res.matches))
+
+    async def in_use(self) -> frozenset[str]:
+        """VF IDs held by pods: PodResources when it answers (plus very recent Allocates), else our record."""
+        mine = self.agent.allocations
+        try:
+            owners = await self.pods.device_owners()
+        except AgentError as e:
+            if self._pod_source != "record":
+                # No socket at all is a deployment without the pod-resources mount; a socket that
+                # does not answer is a kubelet in trouble.
+                level = logging.WARNING if os.path.exists(self.pods.socket) else logging.INFO
+                log.log(level, "PodResources unavailable (%s); using the agent's own Allocate record", e,
+                        extra=ctx("reconcile"))
+            self._pod_source = "record"
+            return frozenset(mine)
+        self._pod_source = "podresources"
+        recent = {d for d, a in mine.items() if time.time() - getattr(a, "at", 0.0) < ALLOCATE_GRACE_S}
+        return frozenset(dev for _, dev in owners) | frozenset(recent)
+
+    async def observe(self, desired: Desired) -> Observed:
+        in_use = await self.in_use()
+        pfs: dict[str, PfObserved] = {}
+        for p in desired.pfs:
+            try:
+                found = await self.executor.call(f"observe {p.pci_address}", "observe PF",
+                                                 self.executor.timeouts.netlink,
+                                                 functools.partial(self.observe_pf, p.pci_address))
+            except OperationTimeoutError as e:
+                log.error("%s", e, extra=ctx("reconcile", p.pci_address))
+                continue
+            if found is not None:
+                pfs[p.pci_address] = found
+        return Observed(pfs, in_use)
+
+    def observe_pf(self, address: str) -> PfObserved | None:
+        """sysfs for the PF and its VFs, rtnetlink for admin state and VF attributes, devlink for eswitch."""
+        try:
+            info = self.agent.sysfs.read_pf(address)
+        except SysfsError as e:
+            log.error("cannot read PF: %s", e, extra=ctx("reconcile", address))
+            return None
+        ifname = info.netdev.name if info.netdev else None
+        link = None
+        if ifname is not None:
+            with contextlib.suppress(NetlinkOpError):
+                link = self.netlink.read_pf(ifname)
+        try:
+            eswitch = self.netlink.eswitch_mode(address)
+        except NetlinkOpError:
+            eswitch = None
+        attrs = {a.index: a for a in link.vfs} if link else {}
+        vfs = tuple(VfObserved(v.index, v.pci_address, v.driver, v.netdev.name if v.netdev else None,
+                               v.netdev.mtu if v.netdev else None, attrs.get(v.index)) for v in info.vfs)
+        return PfObserved(
+            pci_address=address, ifname=ifname, driver=info.driver, totalvfs=info.sriov_totalvfs,
+            numvfs=info.sriov_numvfs, drivers_autoprobe=info.sriov_drivers_autoprobe,
+            mtu=link.mtu if link else (info.netdev.mtu if info.netdev else None),
+            admin_up=link.admin_up if link else None, eswitch_mode=eswitch, vfs=vfs)
+
+    def _publish(self, config: Config, res: Resolution, desired: Desired, observed: Observed,
+                 run: _Run) -> None:
+        applied, failed, notes = run.applied, run.failed, run.notes
+        now = time.time()
+        status: dict[str, PfReconcileStatus] = {}
+        for p in desired.pfs:
+            have = observed.pfs.get(p.pci_address)
+            note = notes.get(p.pci_address)
+            state, reason, message = "ok", "", ""
+            if p.config.externally_managed:
+                state = "external"
+            if note is not None:
+                reason, message = note.reason, note.message
+                if isinstance(note, Refuse):
+                    state = "refused"
+            if p.pci_address in failed:
+                reason, message = failed[p.pci_address]
+                state = "hung" if self.executor.hung(p.pci_address) else "error"
+            status[p.pci_address] = PfReconcileStatus(
+                pf=p.pci_address, resource=p.resource, state=state, desired_vfs=p.config.num_vfs,
+                actual_vfs=have.numvfs if have else None, total_vfs=have.totalvfs if have else None,
+                eswitch_mode=have.eswitch_mode if have else None, reason=reason, message=message,
+                actions_applied=applied.get(p.pci_address, 0), updated_at=now)
+        matched = {(m.resource.resource_name, m.pf.selector) for m in res.matches}
+        for r, pf in config.all_pfs():
+            if (r.resource_name, pf.selector) not in matched:
+                key = pf.selector.describe()
+                status[key] = PfReconcileStatus(pf=key, resource=r.resource_name, state="not_found",
+                                                desired_vfs=pf.num_vfs, reason="pf_not_found",
+                                                message="no such PF on this node", updated_at=now)
+        self.agent.reconcile_status = status
+
+
+async def dry_run(agent: Agent, netlink: VfNetlinkPort) -> tuple[Action, ...]:
+    """The first round of the plan for this node, computed from a real observation; nothing is written."""
+    lc = Lifecycle(agent, netlink)
+    res = agent.resolve()
+    for problem in res.problems:
+        log.error("%s", problem, extra=ctx("dry-run"))
+    return plan(lc.desired(agent.config, res), await lc.observe(lc.desired(agent.config, res)))
+
+
+def format_plan(actions: tuple[Action, ...]) -> str:
+    if not actions:
+        return "Plan: nothing to change (the node is in the desired state)."
+    lines = ["Plan (dry run, nothing written):"]
+    lines += [f"  {i}. {a.describe()}" for i, a in enumerate(actions, 1)]
+    if any(isinstance(a, SetNumVfs) for a in actions):
+        lines.append("  VF settings (driver, MAC, trust, ...) are planned once the new VFs exist.")
+    return "\n".join(lines)
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return None
