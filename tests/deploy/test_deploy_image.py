@@ -132,7 +132,9 @@ def test_lock_files_pin_what_pyproject_asks_for() -> None:
 
 def pip(venv: Path, *args: str | Path) -> str:
     cmd = [str(venv / "bin/python"), "-m", "pip", "--disable-pip-version-check", *map(str, args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    # As the image's ENV: bytecode is still compiled at install time, never at run time.
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False, env=env)
     assert proc.returncode == 0, f"pip {' '.join(map(str, args))}:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
 
@@ -167,6 +169,14 @@ def test_image_holds_only_locked_packages_and_the_agent(image_venv: Path) -> Non
     expected = set(locked(REPO / "requirements.lock")) | {"sriov-rdma-agent"}
     assert expected <= installed
     assert installed - expected <= {"pip", "setuptools", "wheel"}, "test or build tools leaked into the image"
+
+
+def test_bytecode_is_compiled_at_install_time(image_venv: Path) -> None:
+    """With a read-only root Python cannot cache bytecode, so the install must have done it."""
+    (site,) = image_venv.glob("lib/python3*/site-packages")
+    for module in ("agent/cli.py", "agent/app.py", "grpc/__init__.py"):
+        source = site / module
+        assert list((source.parent / "__pycache__").glob(source.stem + ".*.pyc")), module
 
 
 def test_installed_entry_point_offers_serve_with_its_flags(image_venv: Path) -> None:
