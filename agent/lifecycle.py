@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from agent.adapters.executor import Executor, Timeouts, VfNetlinkPort, error_reason
 from agent.adapters.inotify import IN_CLOSE_WRITE, IN_CREATE, IN_DELETE, IN_MOVED_TO, Inotify
+from agent.adapters.netlink_vf import PyrouteVfNetlink
 from agent.adapters.podresources import PodResourcesClient
 from agent.config import Config, parse_config
 from agent.core.discovery import Resolution
@@ -62,12 +63,13 @@ class _Run:
 
 
 class Lifecycle:
-    def __init__(self, agent: Agent, netlink: VfNetlinkPort, timeouts: Timeouts | None = None,
-                 startup_wait: float = 30.0, max_rounds: int = 4) -> None:
+    def __init__(self, agent: Agent, netlink: VfNetlinkPort, timeouts: Timeouts | None = None, *,
+                 startup_wait: float = 30.0, max_rounds: int = 4,
+                 pods: PodResourcesClient | None = None) -> None:
         self.agent = agent
         self.netlink = netlink
         self.executor = Executor(agent.sysfs, netlink, timeouts)
-        self.pods = PodResourcesClient(agent.settings.pod_resources_socket)
+        self.pods = pods or PodResourcesClient(agent.settings.pod_resources_socket)
         self.startup_wait = startup_wait
         self.max_rounds = max_rounds
         self.config_error = ""  # why the last config reload was rejected ("" when it was accepted)
@@ -323,6 +325,12 @@ async def dry_run(agent: Agent, netlink: VfNetlinkPort) -> tuple[Action, ...]:
     for problem in res.problems:
         log.error("%s", problem, extra=ctx("dry-run"))
     return plan(lc.desired(agent.config, res), await lc.observe(lc.desired(agent.config, res)))
+
+
+async def print_dry_run(agent: Agent, netlink: VfNetlinkPort | None = None) -> int:
+    """`serve --dry-run`: print what a reconcile would do now and exit."""
+    print(format_plan(await dry_run(agent, netlink or PyrouteVfNetlink())))
+    return 0
 
 
 def format_plan(actions: tuple[Action, ...]) -> str:

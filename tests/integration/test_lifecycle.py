@@ -1,0 +1,179 @@
+"""The running agent manages VFs on a simulated node: the kubelet stand-in sees them appear and change,
+the ConfigMap is swapped as the kubelet does it (atomic ``..data`` symlink), and a hung kernel write
+never stops ListAndWatch or Allocate."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from agent.adapters.executor import Timeouts
+from agent.app import Agent, build_agent
+from agent.config import parse_config
+from agent.lifecycle import Lifecycle
+from agent.settings import Settings
+from agent.sim.kernel import SimKernel, SimNetlink
+from agent.sim.kubelet import FakeKubelet
+from agent.sim.node import SimNode, dgx_spark
+from tests.conftest import RESOURCE, node_settings
+
+PF = "0002:01:00.0"
+
+
+def config(numvfs: int | str, selector: str = "pfName: enP2p1s0f0np0") -> str:
+    return (f"resources:\n  - resourceName: {RESOURCE}\n    pfs:\n      - {selector}\n"
+            f"        numVfs: {numvfs}\n")
+
+
+class ConfigMapDir:
+    """A mounted ConfigMap: config.yaml -> ..data/config.yaml, ..data -> ..<version>/ swapped atomically."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.version = 0
+        root.mkdir(parents=True)
+        os.symlink("..data/config.yaml", root / "config.yaml")
+
+    def publish(self, text: str) -> None:
+        self.version += 1
+        new = self.root / f"..2026_11_23_13_00_{self.version:02d}.000000001"
+        new.mkdir()
+        (new / "config.yaml").write_text(text)
+        old = os.readlink(self.root / "..data") if (self.root / "..data").is_symlink() else None
+        os.symlink(new.name, self.root / "..data_tmp")
+        os.replace(self.root / "..data_tmp", self.root / "..data")
+        if old:
+            for f in (self.root / old).iterdir():
+                f.unlink()
+            (self.root / old).rmdir()
+
+
+@contextlib.asynccontextmanager
+async def running(node: SimNode, settings: Settings, kernel: SimKernel, netlink: SimNetlink,
+                  timeouts: Timeouts) -> AsyncIterator[tuple[Agent, Lifecycle, FakeKubelet]]:
+    kubelet = FakeKubelet(settings.device_plugin_dir)
+    await kubelet.start()
+    agent = build_agent(settings, parse_config(Path(settings.config).read_text()))
+    agent.sysfs.writer = kernel
+    lc = Lifecycle(agent, netlink, timeouts)
+    lc.install()
+    runner = asyncio.create_task(agent.run())
+    try:
+        await kubelet.wait_for(lambda: RESOURCE in kubelet.endpoints
+                               and bool(kubelet.endpoints[RESOURCE].updates))
+        yield agent, lc, kubelet
+    finally:
+        await agent.shutdown()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+        await kubelet.stop()
+
+
+Setup = tuple[SimNode, Settings, ConfigMapDir, SimKernel, SimNetlink]
+
+
+def _setup(sim_root: Path, numvfs: int = 0, first: str | None = None) -> Setup:
+    node = dgx_spark(sim_root / "node", numvfs=numvfs)
+    cm = ConfigMapDir(sim_root / "cm")
+    cm.publish(first or config(4))
+    settings = node_settings(node.root, config=str(cm.root / "config.yaml"))
+    netlink = SimNetlink(node)
+    kernel = SimKernel(node, netlink=netlink, vf_delay=0.02, probe_delay=0.05)
+    return node, settings, cm, kernel, netlink
+
+
+def _healthy(kubelet: FakeKubelet) -> list[str]:
+    return kubelet.healthy(RESOURCE)
+
+
+def test_vfs_created_at_startup_then_resized_through_zero_on_configmap_update(sim_root: Path) -> None:
+    node, settings, cm, kernel, netlink = _setup(sim_root)
+
+    async def body() -> None:
+        async with running(node, settings, kernel, netlink, Timeouts(vf_wait=10)) as (agent, lc, kubelet):
+            # Reconciled before serving: the first device list already has the 4 new VFs.
+            assert len(kubelet.endpoints[RESOURCE].updates[0][1]) == 4
+            assert len(_healthy(kubelet)) == 4
+            cm.publish(config(8))
+            await kubelet.wait_for(lambda: len(_healthy(kubelet)) == 8, timeout=10)
+            assert [v for p, v in kernel.writes if p.endswith("sriov_numvfs")] == ["4", "0", "8"]
+            await _until(lambda: agent.reconcile_status[PF].actual_vfs == 8)
+            cm.publish("resources: [oops\n")  # invalid: rejected, the node stays as it is
+            await _until(lambda: bool(lc.config_error))
+            assert "not valid YAML" in lc.config_error and agent.config.resources[0].pfs[0].num_vfs == 8
+            assert len(_healthy(kubelet)) == 8
+    asyncio.run(body())
+
+
+def test_refuses_to_shrink_under_an_allocated_vf_and_keeps_serving(sim_root: Path) -> None:
+    node, settings, cm, kernel, netlink = _setup(sim_root)
+
+    async def body() -> None:
+        async with running(node, settings, kernel, netlink, Timeouts(vf_wait=10)) as (agent, _lc, kubelet):
+            held = (await kubelet.allocate(RESOURCE, ["0002:01:00.4"])).envs
+            assert held["PCIDEVICE_NVIDIA_COM_CX7_QSFP"] == "0002:01:00.4"
+            writes = len(kernel.writes)
+            cm.publish(config(2))
+            await _until(lambda: agent.reconcile_status[PF].state == "refused")
+            st = agent.reconcile_status[PF]
+            assert st.reason == "vf_in_use" and "0002:01:00.4" in st.message
+            assert len(kernel.writes) == writes and node.pf(PF).numvfs == 4
+            assert agent.stats.get("reconcile_errors", pf=PF, reason="vf_in_use") == 1
+            assert len(_healthy(kubelet)) == 4
+            resp = await kubelet.allocate(RESOURCE, ["0002:01:00.2"])  # still serving
+            assert resp.envs["PCIDEVICE_NVIDIA_COM_CX7_QSFP"] == "0002:01:00.2"
+    asyncio.run(body())
+
+
+def test_a_hung_write_never_blocks_list_and_watch_or_allocate(sim_root: Path) -> None:
+    node, settings, cm, kernel, netlink = _setup(sim_root)
+
+    async def body() -> None:
+        async with running(node, settings, kernel, netlink, Timeouts(sysfs_write=1.0, vf_wait=10)) as (
+                agent, _lc, kubelet):
+            hang = kernel.hang_next("sriov_numvfs")
+            cm.publish(config(8))
+            await asyncio.to_thread(hang.entered.wait, 5)
+            # The kernel is stuck in the "0" write; the agent keeps answering the kubelet.
+            node.set_pf_link(PF, False)
+            await agent.rescan("udev")
+            await kubelet.wait_for(lambda: not _healthy(kubelet), timeout=5)
+            node.set_pf_link(PF, True)
+            await agent.rescan("udev")
+            await kubelet.wait_for(lambda: len(_healthy(kubelet)) == 4, timeout=5)
+            resp = await kubelet.allocate(RESOURCE, ["0002:01:00.3"])
+            assert resp.envs["PCIDEVICE_NVIDIA_COM_CX7_QSFP"] == "0002:01:00.3"
+            await _until(lambda: agent.reconcile_status[PF].state == "hung")
+            assert agent.reconcile_status[PF].reason == "write_hung"
+            assert agent.stats.get("reconcile_errors", pf=PF, reason="write_hung") == 1
+            hang.release.set()
+    asyncio.run(body())
+
+
+def test_pf_reappearing_after_a_driver_reload_is_rebuilt(sim_root: Path) -> None:
+    node, settings, _cm, kernel, netlink = _setup(sim_root, first=config(4, 'pciAddress: "0002:01:00.0"'))
+
+    async def body() -> None:
+        async with running(node, settings, kernel, netlink, Timeouts(vf_wait=10)) as (agent, _lc, kubelet):
+            assert len(_healthy(kubelet)) == 4
+            node.remove_vfs(PF)  # mlx5_core unloaded: VFs gone, PF without driver
+            node.unprobe(PF)
+            await agent.rescan("udev")
+            await kubelet.wait_for(lambda: not kubelet.devices(RESOURCE), timeout=5)
+            node.bind(PF, "mlx5_core")  # driver back: the PF re-appears with 0 VFs
+            await agent.rescan("udev")
+            await kubelet.wait_for(lambda: len(kubelet.devices(RESOURCE)) == 4, timeout=10)
+            assert [v for p, v in kernel.writes if p.endswith("sriov_numvfs")] == ["4", "4"]
+    asyncio.run(body())
+
+
+async def _until(predicate: object, timeout: float = 10.0) -> None:
+    assert callable(predicate)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < deadline, "condition not reached"
+        await asyncio.sleep(0.02)

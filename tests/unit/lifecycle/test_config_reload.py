@@ -1,0 +1,53 @@
+"""Config hot-reload: a new valid config is adopted and reconciled; an invalid one is rejected, with
+the field named, and the last good config stays in force."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from agent.adapters.executor import Timeouts
+from agent.app import build_agent
+from agent.config import parse_config
+from agent.lifecycle import Lifecycle
+from agent.sim.kernel import SimKernel, SimNetlink
+from agent.sim.node import dgx_spark
+from tests.conftest import CX7_CONFIG, RESOURCE, node_settings
+
+PF_LINE = "      - pfName: enP2p1s0f0np0\n"
+HEAD = f"resources:\n  - resourceName: {RESOURCE}\n    pfs:\n"
+
+BAD = [
+    ("negative numVfs", HEAD + PF_LINE + "        numVfs: -1\n", "numVfs"),
+    ("huge numVfs", HEAD + PF_LINE + "        numVfs: 100000\n", "numVfs"),
+    ("numVfs as a string", HEAD + PF_LINE + "        numVfs: \"4\"\n", "numVfs"),
+    ("trust not a bool", HEAD + PF_LINE + "        numVfs: 4\n        trust: yes please\n", "trust"),
+    ("unknown field", HEAD + PF_LINE + "        numVFs: 4\n", "numVFs"),
+    ("same PF in two resources", CX7_CONFIG + "  - resourceName: example.com/other\n    pfs:\n" + PF_LINE
+     + "        numVfs: 2\n", "resources[1].pfs[0]"),
+    ("not YAML", "resources: [\n", "line"),
+]
+
+
+@pytest.mark.parametrize(("name", "text", "field"), BAD, ids=[b[0] for b in BAD])
+def test_invalid_config_is_rejected_and_the_last_good_one_kept(sim_root: Path, name: str, text: str,
+                                                               field: str) -> None:
+    node = dgx_spark(sim_root / "node", numvfs=0)
+    settings = node_settings(node.root)
+    Path(settings.config).write_text(CX7_CONFIG)
+    agent = build_agent(settings, parse_config(CX7_CONFIG))
+    nl = SimNetlink(node)
+    agent.sysfs.writer = SimKernel(node, netlink=nl)
+    lc = Lifecycle(agent, nl, Timeouts(vf_wait=5))
+    good = agent.config
+    Path(settings.config).write_text(text)
+    assert lc.reload_config() is False
+    assert agent.config is good and field in lc.config_error
+    assert agent.stats.get("config_reloads", result="invalid") == 1
+    Path(settings.config).write_text(CX7_CONFIG.replace("numVfs: 4", "numVfs: 2"))
+    assert lc.reload_config() is True and lc.config_error == ""
+    assert agent.config.resources[0].pfs[0].num_vfs == 2
+    asyncio.run(lc.reconcile("config changed"))
+    assert node.pf("enP2p1s0f0np0").numvfs == 2
