@@ -306,7 +306,7 @@ def build_agent(settings: Settings, config: Config, writer: SysfsWriter | None =
     pods = PodResourcesClient(settings.pod_resources_socket)
     agent.metrics = build_metrics(agent, agent.stats, sysfs, pods=pods)
     if writer is not None or Path(settings.sysfs_root).resolve() == Path("/"):
-        Lifecycle(agent, netlink or PyrouteVfNetlink()).install()
+        Lifecycle(agent, netlink or PyrouteVfNetlink(), pods=pods).install()
     if settings.health_address:
         agent.health = HealthServer(settings.health_address, status=agent.status)
     return agent

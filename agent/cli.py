@@ -17,6 +17,7 @@ from agent.adapters.health_server import fetch_status
 from agent.app import build_agent, load_config
 from agent.demo import run_demo
 from agent.errors import AgentError
+from agent.lifecycle import print_dry_run
 from agent.logs import ctx, setup_logging
 from agent.settings import DEFAULT_HEALTH_ADDRESS, Settings, env_name
 from agent.status import render
@@ -105,6 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def serve(settings: Settings) -> int:
     config = load_config(settings.config)
     agent = build_agent(settings, config)
+    if settings.dry_run:
+        return await print_dry_run(agent)
     log.info("starting sriov-rdma-agent %s with %d resource(s)", __version__, len(config.resources),
              extra=ctx("startup", settings=settings.__dict__))
     loop = asyncio.get_running_loop()
