@@ -82,8 +82,10 @@ def _parse_vf(info: Any) -> VfAttrs:
     link_state = field("IFLA_VF_LINK_STATE", "link_state")
     trust = field("IFLA_VF_TRUST", "trust")
     spoof = field("IFLA_VF_SPOOFCHK", "spoofchk")
+    # Every IFLA_VF_* payload starts with the VF number; take it from whichever came first.
+    index = next((a["vf"] for _, a in info["attrs"] if isinstance(a, dict) and "vf" in a), 0)
     return VfAttrs(
-        index=int(field("IFLA_VF_MAC", "vf") or 0),
+        index=int(index),
         mac=(mac or ZERO_MAC).lower(),
         trust=None if trust is None else bool(trust),
         spoofchk=None if spoof is None or spoof == 0xFFFFFFFF else bool(spoof),  # -1: not supported
@@ -96,7 +98,13 @@ def _parse_vf(info: Any) -> VfAttrs:
 
 
 class PyrouteVfNetlink:
-    """The netlink port of the executor on a real node (host network namespace)."""
+    """The netlink port of the executor on a real node (host network namespace unless ``netns``)."""
+
+    def __init__(self, netns: str | None = None) -> None:
+        self.netns = netns
+
+    def _ipr(self) -> IPRoute:
+        return IPRoute(netns=self.netns) if self.netns else IPRoute()
 
     def _ifindex(self, ipr: IPRoute, ifname: str) -> int:
         found = ipr.link_lookup(ifname=ifname)
@@ -105,7 +113,7 @@ class PyrouteVfNetlink:
         return int(found[0])
 
     def read_pf(self, ifname: str) -> PfLink:
-        with IPRoute() as ipr:
+        with self._ipr() as ipr:
             try:
                 (msg,) = ipr.link("get", index=self._ifindex(ipr, ifname), ext_mask=RTEXT_FILTER_VF)
             except NetlinkError as e:
@@ -122,7 +130,7 @@ class PyrouteVfNetlink:
         self._set(ifname, "setlink up", state="up")
 
     def _set(self, ifname: str, op: str, **kwargs: Any) -> None:
-        with IPRoute() as ipr:
+        with self._ipr() as ipr:
             try:
                 ipr.link("set", index=self._ifindex(ipr, ifname), **kwargs)
             except NetlinkError as e:
