@@ -14,6 +14,7 @@ import contextlib
 import os
 import signal
 import socket
+import subprocess
 import sys
 import urllib.request
 from pathlib import Path
@@ -63,6 +64,14 @@ def container_view(base: list[Obj], root: Path) -> tuple[list[str], dict[str, in
     return args, {int(k): v for k, v in ports.items()}
 
 
+def container_env(base: list[Obj]) -> dict[str, str]:
+    """This process's env without agent variables, plus the container's (spec.nodeName -> a node name)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SRIOV_RDMA_AGENT_")}
+    for e in agent_container(base)["env"]:
+        env[e["name"]] = e.get("value", "dgx-spark-1")  # the one valueFrom is spec.nodeName
+    return env
+
+
 def scrape_port(base: list[Obj]) -> int:
     """The container port the VMPodScrape scrapes."""
     (scrape,) = [o for o in base if o["kind"] == "VMPodScrape"]
@@ -95,9 +104,7 @@ def test_daemonset_command_line_serves_the_configured_vfs(base: list[Obj], sim_r
     dgx_spark(host)
     (container_root / "var/lib/kubelet/device-plugins").mkdir(parents=True)
     container = agent_container(base)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SRIOV_RDMA_AGENT_")}
-    for e in container["env"]:
-        env[e["name"]] = e.get("value", "dgx-spark-1")  # the one valueFrom is spec.nodeName
+    env = container_env(base)
     health_port = ports[container["readinessProbe"]["grpc"]["port"]]
     probes = {p: container[p]["grpc"].get("service", "") for p in ("startupProbe", "livenessProbe",
                                                                     "readinessProbe")}
@@ -134,3 +141,16 @@ def test_daemonset_command_line_serves_the_configured_vfs(base: list[Obj], sim_r
     assert "# TYPE" in metrics and "sriov_rdma" in metrics
     assert not list((container_root / "var/lib/kubelet/device-plugins").glob("*.sock")), \
         "SIGTERM leaves no plugin socket behind"
+
+
+def test_a_config_the_agent_rejects_fails_the_pod_naming_the_field(base: list[Obj], sim_root: Path) -> None:
+    """A bad ConfigMap makes the container exit non-zero at once, so the rollout stops at that node."""
+    args, _ = container_view(base, sim_root)
+    config = Path(next(a for a in args if a.startswith("--config=")).partition("=")[2])
+    config.write_text(config.read_text().replace("numVfs: 4", "numVfs: 4000"))
+    env = container_env(base)
+    proc = subprocess.run([sys.executable, "-m", "agent", "serve", *args], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert proc.returncode != 0
+    assert "resources[0].pfs[0].numVfs" in proc.stderr + proc.stdout
+    assert "4000" in proc.stderr + proc.stdout
