@@ -196,6 +196,19 @@ def test_container_flags_and_env_parse_into_the_agent_defaults(base: list[Obj],
     assert s.log_format == "json"
 
 
+def test_status_inside_the_pod_finds_the_agent(base: list[Obj], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`kubectl exec <pod> -- sriov-rdma-agent status` asks the address the agent serves health on, even
+    after a patch moves it: the address is an env var of the container, which `status` reads too."""
+    assert not [a for a in agent_container(base)["args"] if a.startswith("--health-address")]
+    patched = copy.deepcopy(base)
+    for env in agent_container(patched)["env"]:
+        if env["name"] == env_name("--health-address"):
+            env["value"] = "0.0.0.0:19809"
+    s = container_settings(patched, monkeypatch)
+    assert s.health_address == "0.0.0.0:19809"
+    assert build_parser().parse_args(["status"]).address == s.health_address
+
+
 def test_every_env_var_names_a_flag(base: list[Obj]) -> None:
     known = {env_name("--" + f.name.replace("_", "-")) for f in fields(Settings)}
     for env in agent_container(base)["env"]:

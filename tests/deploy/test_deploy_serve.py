@@ -22,6 +22,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from agent.settings import env_name
 from agent.sim.kubelet import FakeKubelet
 from agent.sim.node import dgx_spark
 
@@ -40,18 +41,23 @@ def free_port() -> int:
         return port
 
 
-def container_view(base: list[Obj], root: Path) -> tuple[list[str], dict[str, int]]:
-    """Lay out the pod's filesystem under ``root``; return its re-rooted args and the port swaps."""
-    args, ports = [], {}
+def container_view(base: list[Obj], root: Path) -> tuple[list[str], dict[str, str], dict[int, int]]:
+    """Lay out the pod's filesystem under ``root``; return its re-rooted args, its env with free ports
+    (and a node name for spec.nodeName), and the port swaps."""
+    args = []
     for arg in agent_container(base)["args"]:
         flag, _, value = arg.partition("=")
-        if flag in PATH_FLAGS:
-            value = str(root) + value
-        elif flag in ADDRESS_FLAGS:
+        assert flag not in ADDRESS_FLAGS, "addresses are env vars (see daemonset.yaml)"
+        args.append(f"{flag}={root}{value}" if flag in PATH_FLAGS else arg)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SRIOV_RDMA_AGENT_")}
+    ports = {}
+    for e in agent_container(base)["env"]:
+        value = e.get("value", "dgx-spark-1")  # the one valueFrom is spec.nodeName
+        if e["name"] in {env_name(f) for f in ADDRESS_FLAGS}:
             host, _, port = value.rpartition(":")
-            ports[port] = free_port()
-            value = f"{host}:{ports[port]}"
-        args.append(f"{flag}={value}")
+            ports[int(port)] = free_port()
+            value = f"{host}:{ports[int(port)]}"
+        env[e["name"]] = value
     config_volume = next(v for v in pod_spec(base)["volumes"] if "configMap" in v)
     mounts = agent_container(base)["volumeMounts"]
     config_mount = next(m for m in mounts if m["name"] == config_volume["name"])
@@ -61,15 +67,7 @@ def container_view(base: list[Obj], root: Path) -> tuple[list[str], dict[str, in
              config_volume["configMap"]["name"]]
     for key, text in cm["data"].items():
         (config_dir / key).write_text(text)
-    return args, {int(k): v for k, v in ports.items()}
-
-
-def container_env(base: list[Obj]) -> dict[str, str]:
-    """This process's env without agent variables, plus the container's (spec.nodeName -> a node name)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SRIOV_RDMA_AGENT_")}
-    for e in agent_container(base)["env"]:
-        env[e["name"]] = e.get("value", "dgx-spark-1")  # the one valueFrom is spec.nodeName
-    return env
+    return args, env, ports
 
 
 def scrape_port(base: list[Obj]) -> int:
@@ -99,12 +97,11 @@ def health_status(port: int, service: str) -> int:
 
 def test_daemonset_command_line_serves_the_configured_vfs(base: list[Obj], sim_root: Path) -> None:
     container_root = sim_root  # short path on tmpfs: unix socket paths are capped at 107 bytes
-    args, ports = container_view(base, container_root)
+    args, env, ports = container_view(base, container_root)
     host = Path(next(a for a in args if a.startswith("--sysfs-root=")).partition("=")[2])
     dgx_spark(host)
     (container_root / "var/lib/kubelet/device-plugins").mkdir(parents=True)
     container = agent_container(base)
-    env = container_env(base)
     health_port = ports[container["readinessProbe"]["grpc"]["port"]]
     probes = {p: container[p]["grpc"].get("service", "") for p in ("startupProbe", "livenessProbe",
                                                                     "readinessProbe")}
@@ -145,10 +142,9 @@ def test_daemonset_command_line_serves_the_configured_vfs(base: list[Obj], sim_r
 
 def test_a_config_the_agent_rejects_fails_the_pod_naming_the_field(base: list[Obj], sim_root: Path) -> None:
     """A bad ConfigMap makes the container exit non-zero at once, so the rollout stops at that node."""
-    args, _ = container_view(base, sim_root)
+    args, env, _ = container_view(base, sim_root)
     config = Path(next(a for a in args if a.startswith("--config=")).partition("=")[2])
     config.write_text(config.read_text().replace("numVfs: 4", "numVfs: 4000"))
-    env = container_env(base)
     proc = subprocess.run([sys.executable, "-m", "agent", "serve", *args], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=30, check=False)
     assert proc.returncode != 0
