@@ -128,6 +128,21 @@ def test_lock_files_pin_what_pyproject_asks_for() -> None:
         assert len(runtime[name][1]) >= 2, f"{name}: hashes for amd64 and arm64 wheels expected"
 
 
+def test_lock_holds_the_hashes_of_the_arm64_wheels(tmp_path: Path) -> None:
+    """The DGX Spark image (linux/arm64) installs with --require-hashes too: pip, asked for the wheels a
+    CPython 3.11 on bookworm's glibc (2.36) picks, finds each one's hash in the lock."""
+    tags = [arg for tag in ("manylinux2014_aarch64", "manylinux_2_28_aarch64", "manylinux_2_36_aarch64")
+            for arg in ("--platform", tag)]
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
+                    "--no-deps", "--require-hashes", "--only-binary=:all:", *tags, "--python-version", "3.11",
+                    "--implementation", "cp", "--abi", "cp311", "-d", str(tmp_path),
+                    "-r", str(REPO / "requirements.lock")], check=True, capture_output=True, timeout=300)
+    wheels = sorted(canonicalize_name(w.name.split("-")[0]) for w in tmp_path.glob("*.whl"))
+    assert wheels == sorted(locked(REPO / "requirements.lock"))
+    (grpcio,) = tmp_path.glob("grpcio-*.whl")
+    assert grpcio.name.endswith("aarch64.whl")
+
+
 # ------------------------------------------------------------------ the install step, replayed
 
 def pip(venv: Path, *args: str | Path) -> str:
