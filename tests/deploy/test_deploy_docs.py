@@ -68,3 +68,13 @@ def test_talos_machine_config_loads_the_rdma_modules() -> None:
         assert {"ib_uverbs", "rdma_ucm", "ib_umad", "mlx5_ib"} <= set(modules)
     exclusive = [m for m in module_lists if "ib_core" in m]
     assert exclusive and all(m[0] == "ib_core" for m in exclusive), "ib_core first, so its parameter applies"
+
+
+def test_documented_patch_drops_the_vmpodscrape_for_clusters_without_the_operator(tmp_path: Path) -> None:
+    (inline,) = re.findall(r"`(\{target: \{kind: VMPodScrape.*?\})`", DOC.read_text())
+    shutil.copytree(BASE, tmp_path / "base", ignore=shutil.ignore_patterns("examples"))
+    overlay = {"resources": ["base"], "patches": [yaml.safe_load(inline)]}
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(overlay))
+    kinds = {o["kind"] for o in kustomize(tmp_path)}
+    assert "VMPodScrape" not in kinds
+    assert {"ConfigMap", "DaemonSet", "Namespace", "ServiceAccount"} <= kinds
