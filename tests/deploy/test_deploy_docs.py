@@ -52,10 +52,10 @@ def test_flux_images_and_patches_render_as_documented(tmp_path: Path, base: list
     terms = required["nodeSelectorTerms"]
     assert [e["key"] for t in terms for e in t["matchExpressions"]] == ["example.com/cx7"]
 
-    (cm,) = [o for o in rendered if o["kind"] == "ConfigMap"]
+    (cm,) = [o for o in rendered if o["kind"] == "ConfigMap" and "config.yaml" in o["data"]]
     config = parse_config(cm["data"]["config.yaml"])
     assert config.resources[0].pfs[0].num_vfs == 8
-    (base_cm,) = [o for o in base if o["kind"] == "ConfigMap"]
+    (base_cm,) = [o for o in base if o["kind"] == "ConfigMap" and "config.yaml" in o["data"]]
     assert cm["metadata"]["name"] != base_cm["metadata"]["name"], "a new config must roll the DaemonSet"
     assert {"name": "config", "configMap": {"name": cm["metadata"]["name"]}} in pod["volumes"]
 
