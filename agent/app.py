@@ -24,6 +24,7 @@ from agent.config import Config, ResourceConfig, parse_config
 from agent.core.discovery import Resolution, pf_problem, resolve_pfs
 from agent.core.inventory import NodeState, allocate, build_view, preferred_allocation
 from agent.errors import AllocationError, ConfigError, SysfsError
+from agent.healthwatch import HealthWatch
 from agent.lifecycle import Lifecycle
 from agent.logs import ctx
 from agent.model import ContainerAllocation, PfInfo, PfReconcileStatus, ResourceView
@@ -111,14 +112,15 @@ class Agent:
     allocations: dict[str, Allocation] = field(default_factory=dict)
     lifecycles: dict[str, PluginLifecycle] = field(default_factory=dict)
     extra_tasks: list[RootTask] = field(default_factory=list)
-    before_serving: list[RootTask] = field(default_factory=list)  # awaited after the first scan
-    pf_listeners: list[Callable[[frozenset[str]], None]] = field(default_factory=list)  # PFs (re)appeared
-    reconcile_status: dict[str, PfReconcileStatus] = field(default_factory=dict)  # by PF, last reconcile
     stats: Stats = field(default_factory=Stats)
     started_at: float = field(default_factory=time.monotonic)
     metrics: AgentMetrics | None = None
     health: HealthServer | None = None
     metrics_server: MetricsServer | None = None
+    health_watch: HealthWatch = field(default_factory=HealthWatch)  # link overlay, debounce, re-checks
+    before_serving: list[RootTask] = field(default_factory=list)  # awaited after the first scan
+    pf_listeners: list[Callable[[frozenset[str]], None]] = field(default_factory=list)  # PFs (re)appeared
+    reconcile_status: dict[str, PfReconcileStatus] = field(default_factory=dict)  # by PF, last reconcile
     _scan_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _run_task: asyncio.Task[None] | None = None
 
@@ -143,7 +145,7 @@ class Agent:
         problems = list(res.problems)
         for m in res.matches:
             try:
-                pf = self.sysfs.read_pf(m.pci_address)
+                pf = self.health_watch.overlay(self.sysfs.read_pf(m.pci_address))
             except SysfsError as e:
                 problems.append(f"{m.resource.resource_name}: PF {m.pci_address}: cannot read: {e}")
                 continue
@@ -172,7 +174,7 @@ class Agent:
             for resource in self.config.resources:
                 pfs = [node.pfs[m.pci_address] for m in res.for_resource(resource.resource_name)
                        if m.pci_address in node.pfs]
-                view = build_view(resource, pfs, in_pod)
+                view = self.health_watch.settle(build_view(resource, pfs, in_pod), self.stats)
                 old = self.hub.views.get(resource.resource_name)
                 if await self.hub.publish(view):
                     self._log_transitions(old, view, reason)
@@ -227,6 +229,7 @@ class Agent:
                                             on_registered=self._registered_counter(resource.resource_name))
                 self.lifecycles[resource.resource_name] = lifecycle
                 tg.create_task(lifecycle.run(), name=f"plugin-{resource.resource_name}")
+            tg.create_task(self.health_watch.timer(self), name="health-timer")
             for task in self.extra_tasks:
                 tg.create_task(self._watched(task))
             self._report(MONITOR, True)

@@ -108,6 +108,7 @@ async def serve(settings: Settings) -> int:
     agent = build_agent(settings, config)
     if settings.dry_run:
         return await print_dry_run(agent)
+    agent.extra_tasks.extend(agent.health_watch.host_tasks())  # netlink + uevent health events
     log.info("starting sriov-rdma-agent %s with %d resource(s)", __version__, len(config.resources),
              extra=ctx("startup", settings=settings.__dict__))
     loop = asyncio.get_running_loop()

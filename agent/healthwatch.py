@@ -95,7 +95,8 @@ class HealthWatch:
             upcoming = min(self.deadlines, default=None)
             timeout = None if upcoming is None else max(0.0, upcoming - self.clock())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
             self._wake.clear()
             now = self.clock()
             due = {d for d in self.deadlines if d <= now}

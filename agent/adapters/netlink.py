@@ -158,7 +158,8 @@ class LinkWatcher:
         due = loop.time() + self.resync_s
         while True:
             try:
-                await asyncio.wait_for(ready.wait(), max(0.0, due - loop.time()))
+                async with asyncio.timeout_at(due):
+                    await ready.wait()
             except TimeoutError:
                 return "periodic"
             ready.clear()
