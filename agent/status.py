@@ -100,10 +100,10 @@ def vf_rows(agent: ObservedAgent, owners: Mapping[tuple[str, str], PodRef] | Non
     """Every advertised VF. ``owners`` None means PodResources was unreachable: then "allocated"
     falls back to the agent's own Allocate records, which cannot tell when a pod has gone."""
     rows = []
+    vfs = {vf.pci_address: vf for pf in agent.node.pfs.values() for vf in pf.vfs}
     for resource, view in sorted(agent.hub.views.items()):
         for d in view.devices:
-            found = agent.node.vf(d.id)
-            vf = found[1] if found else None
+            vf = vfs.get(d.id)
             owner = owners.get((resource, d.id)) if owners is not None else None
             allocated = owner is not None if owners is not None else d.id in agent.allocations
             rows.append(VfRow(

@@ -238,14 +238,22 @@ def _read_opt(path: Path) -> str | None:
 
 
 def _int_files(d: Path, names: list[str] | tuple[str, ...]) -> dict[str, int]:
+    """Read small integer attributes with bare os calls: metrics read ~1500 of these per scrape."""
+    base = os.fsencode(d) + b"/"
     out = {}
     for name in names:
         try:
-            text = _read_opt(d / name)
-        except SysfsError:
-            continue  # EACCES and friends on one counter must not hide the others
-        if text is not None and text.isdigit():
-            out[name] = int(text)
+            fd = os.open(base + name.encode(), os.O_RDONLY)
+        except OSError:
+            continue  # gone, EACCES, ...: one counter must not hide the others
+        try:
+            raw = os.read(fd, 64).strip()
+        except OSError:
+            continue  # EINVAL / EOPNOTSUPP from drivers that refuse this counter
+        finally:
+            os.close(fd)
+        if raw.isdigit():
+            out[name] = int(raw)
     return out
 
 

@@ -6,9 +6,10 @@ import asyncio
 from dataclasses import replace
 
 from obs_node import PF, RESOURCE, FixedPods, Node
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
-from agent.adapters.metrics import AgentCollector, AgentMetrics
+from agent.adapters.metrics import AgentCollector, AgentMetrics, render_text
 from agent.app import Allocation
 from agent.core.inventory import NodeState
 from agent.status import PodRef
@@ -160,3 +161,21 @@ class _Exploding:
 def test_registration_does_not_collect(node: Node) -> None:
     reg = CollectorRegistry(auto_describe=True)
     reg.register(AgentCollector(_Exploding(), node.agent.stats, node.agent.sysfs))  # type: ignore[arg-type]
+
+
+def test_fast_exposition_parses_to_what_prometheus_client_writes(node: Node) -> None:
+    node.port_file(PF, "counters", "port_rcv_data").write_text("100\n")
+    metrics(node).allocate_observer(RESOURCE)(0.002, True)
+    metrics(node).collector.pods = FixedPods({(RESOURCE, VF0): PodRef('we"ird\\ns', "p\nod", "c")})
+    asyncio.run(metrics(node).collector.refresh_pods())
+
+    def parsed(text: str) -> set[tuple[str, tuple[tuple[str, str], ...], float]]:
+        return {(s.name, tuple(sorted(s.labels.items())), s.value)
+                for f in text_string_to_metric_families(text) for s in f.samples
+                if not s.name.endswith("_created") and not s.name.startswith("process_")}
+
+    ours = render_text(metrics(node).registry).decode()
+    reference = generate_latest(metrics(node).registry).decode()
+    assert parsed(ours) == parsed(reference)
+    assert ('namespace="we\\"ird\\\\ns"' in ours) and ('pod="p\\nod"' in ours)
+    assert "_created" not in ours
