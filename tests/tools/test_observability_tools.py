@@ -30,6 +30,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from agent._pb.podresources.v1 import api_pb2 as pr_pb2
+from agent._pb.podresources.v1 import api_pb2_grpc as pr_grpc
 from agent.sim.kubelet import FakeKubelet
 from agent.sim.node import SimNode, dgx_spark
 
@@ -72,14 +74,38 @@ def wait_until(what: str, probe: Callable[[], T | None], timeout: float = 20.0) 
         time.sleep(0.1)
 
 
-class KubeletThread:
-    """The kubelet stand-in on its own event loop thread, so the agent can be a real process."""
+class PodResources(pr_grpc.PodResourcesListerServicer):
+    """The kubelet's PodResources List: one pod holding whatever the test assigns."""
 
-    def __init__(self, plugin_dir: str) -> None:
+    def __init__(self) -> None:
+        self.assigned: list[str] = []
+
+    async def List(self, request: pr_pb2.ListPodResourcesRequest,  # type: ignore[override]
+                   context: grpc.aio.ServicerContext[Any, Any]) -> pr_pb2.ListPodResourcesResponse:
+        devices = [pr_pb2.ContainerDevices(resource_name=RESOURCE, device_ids=self.assigned)]
+        pod = pr_pb2.PodResources(name="trainer-0", namespace="ml", containers=[
+            pr_pb2.ContainerResources(name="nccl", devices=devices)])
+        return pr_pb2.ListPodResourcesResponse(pod_resources=[pod])
+
+
+class KubeletThread:
+    """The kubelet stand-in (+ PodResources) on its own event loop thread; the agent is a process."""
+
+    def __init__(self, plugin_dir: str, pod_resources_socket: str) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.kubelet = self.call(self._make(plugin_dir))
+        self.pods = PodResources()
+        self.pod_server = self.call(self._serve_pods(pod_resources_socket))
+
+    async def _serve_pods(self, socket_path: str) -> grpc.aio.Server:
+        os.makedirs(os.path.dirname(socket_path), exist_ok=True)
+        server = grpc.aio.server()
+        pr_grpc.add_PodResourcesListerServicer_to_server(self.pods, server)
+        server.add_insecure_port(f"unix:{socket_path}")
+        await server.start()
+        return server
 
     @staticmethod
     async def _make(plugin_dir: str) -> FakeKubelet:
@@ -91,6 +117,7 @@ class KubeletThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def close(self) -> None:
+        self.call(self.pod_server.stop(0))
         self.call(self.kubelet.stop())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
@@ -123,13 +150,14 @@ def agent_proc() -> Iterator[Running]:
     (root / "sys/class/net/enP2p1s0f0v0/statistics/rx_bytes").write_text("4096\n")
     (root / "config.yaml").write_text(CONFIG)
     plugin_dir = root / "var/lib/kubelet/device-plugins"
-    kubelet = KubeletThread(str(plugin_dir))
+    pod_socket = root / "var/lib/kubelet/pod-resources/kubelet.sock"
+    kubelet = KubeletThread(str(plugin_dir), str(pod_socket))
     mport, hport = free_port(), free_port()
     log = root / "agent.log"
     cmd = [sys.executable, "-m", "agent", "serve", "--config", str(root / "config.yaml"),
            "--sysfs-root", str(root), "--dev-root", str(root), "--device-plugin-dir", str(plugin_dir),
            "--devinfo-dir", str(root / "devinfo"),
-           "--pod-resources-socket", str(root / "var/lib/kubelet/pod-resources/kubelet.sock"),
+           "--pod-resources-socket", str(pod_socket),
            "--metrics-address", f"127.0.0.1:{mport}", "--health-address", f"127.0.0.1:{hport}"]
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
@@ -140,6 +168,7 @@ def agent_proc() -> Iterator[Running]:
                    lambda: True if len(kubelet.kubelet.healthy(RESOURCE)) == 4 else None)
         pick = kubelet.kubelet.healthy(RESOURCE)[:1]
         kubelet.call(kubelet.kubelet.allocate(RESOURCE, pick))  # one Allocate for the latency histogram
+        kubelet.pods.assigned = pick  # ... and the pod that got it, as PodResources reports it
         yield running
     except BaseException:
         print(log.read_text())
@@ -202,6 +231,10 @@ scrape_configs:
         healthy = wait_until("the VF health series", lambda: export('sriov_rdma_vf_healthy{resource!=""}'))
         assert sorted(s["metric"]["vf"] for s in healthy) == [f"0002:01:00.{i}" for i in range(2, 6)]
         assert all(s["values"][-1] == 1 for s in healthy)
+        held = wait_until("the allocated VF with its pod",
+                          lambda: export('sriov_rdma_vf_allocated{pod="trainer-0"}'))
+        assert held[0]["metric"]["namespace"] == "ml" and held[0]["metric"]["container"] == "nccl"
+        assert held[0]["values"][-1] == 1
         up = wait_until("the scrape health series", lambda: export('up{job="sriov-rdma-agent"}'))
         assert up[0]["values"][-1] == 1
         # The lowered latency offset makes a fresh scrape visible to plain queries as well.
@@ -225,10 +258,12 @@ def test_status_command_prints_the_node(agent_proc: Running) -> None:
     assert out.count("Healthy") == 4
     assert "nvidia.com/cx7_qsfp: registered" in out
     assert "health overall: SERVING" in out
+    assert "ml/trainer-0/nccl" in out
     doc = json.loads(subprocess.run([sys.executable, "-m", "agent", "status", "--json", "--address",
                                      agent_proc.health_address],
                                     capture_output=True, text=True, timeout=30, check=True).stdout)
     assert sum(v["allocated"] for v in doc["vfs"]) == 1  # the Allocate the fixture made
+    assert doc["pod_resources"] is True
 
 
 def test_sigterm_turns_health_not_serving_before_exit(agent_proc: Running) -> None:
