@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agent._pb.podresources.v1 import api_pb2 as pr_pb2
@@ -47,6 +48,12 @@ resources:
         numVfs: 4
 """
 T = TypeVar("T")
+DASHBOARD = Path(__file__).resolve().parents[2] / "daemonset/grafana-dashboard.yaml"
+
+
+def dashboard_exprs() -> list[str]:
+    (body,) = yaml.safe_load(DASHBOARD.read_text())["data"].values()
+    return [t["expr"] for p in json.loads(body)["panels"] for t in p.get("targets", [])]
 
 
 def free_port() -> int:
@@ -242,6 +249,17 @@ scrape_configs:
         with urllib.request.urlopen(q, timeout=5) as r:
             result = json.loads(r.read())["data"]["result"]
         assert result and float(result[0]["value"][1]) == 4
+        # Every query of the shipped Grafana dashboard is valid for VictoriaMetrics and the core
+        # panels have data.
+        with_data = 0
+        for expr in dashboard_exprs():
+            q = expr.replace("$__rate_interval", "1m").replace("$node", ".*")
+            url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": q})
+            with urllib.request.urlopen(url, timeout=5) as r:
+                answer = json.loads(r.read())
+            assert answer["status"] == "success", (expr, answer)
+            with_data += bool(answer["data"]["result"])
+        assert with_data >= 12
     finally:
         vm.terminate()
         try:
