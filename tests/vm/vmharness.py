@@ -26,10 +26,12 @@ QEMU = "qemu-system-x86_64"
 GUEST_TESTS = REPO / "tests" / "vm" / "guest"
 GUEST_DIR = "/tmp/vm"  # where the results share is mounted inside the guest's chroot
 
-# Modules the guest loads before the job: the NVMe PF driver (SR-IOV), the NIC that Soft-RoCE sits on,
-# netdevsim (built out of tree), Soft-RoCE and the verbs/CM character devices. crc32_generic: without it
-# "rdma link add ... type rxe" fails with ENOENT.
-GUEST_MODULES = ("nvme", "virtio_net", "netdevsim", "rdma_rxe", "ib_uverbs", "rdma_ucm", "crc32_generic")
+# Modules the guest loads before the job (the kernel cannot autoload them: its modprobe helper runs in
+# the initramfs): the NVMe PF driver (SR-IOV), the NIC that Soft-RoCE sits on, macvlan (netdevs for
+# Soft-RoCE "VFs"), netdevsim (built out of tree), Soft-RoCE, the verbs/CM character devices, pci-stub
+# (a VF driver to bind), and crc32_generic: without it "rdma link add ... type rxe" fails with ENOENT.
+GUEST_MODULES = ("nvme", "virtio_net", "macvlan", "netdevsim", "rdma_rxe", "ib_uverbs", "rdma_ucm",
+                 "pci-stub", "crc32_generic")
 
 NVME_TOTAL_VFS = 8
 
@@ -221,3 +223,20 @@ class GuestSession:
 
     def results_for(self, test: str) -> list[CaseResult]:
         return [c for name, c in self.cases.items() if name == test or name.startswith(test + "[")]
+
+
+def main(argv: list[str]) -> int:
+    """Developer entry point: boot the VM and run pytest on the given guest test paths (default: all)."""
+    assets = prepare_assets()
+    results = CACHE / "last-run"
+    paths = argv or [str(m) for m in guest_modules()]
+    body = (f'"$VM_PYTHON" -m pytest -p no:cacheprovider -q -rA -o junit_family=xunit1 '
+            f"--junitxml={GUEST_DIR}/junit.xml {shlex.join(paths)}")
+    run = run_vm(assets, results, body)
+    print(run.describe(tail=400))
+    print(f"results in {results}")
+    return 0 if run.exit_code == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

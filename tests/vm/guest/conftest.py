@@ -8,7 +8,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from guestlib import NETDEVSIM_BUS, NVME_CLASS, SYS_PCI, read, run, set_numvfs, uplink, wait_for, write_sysfs
+from guestlib import (
+    NETDEVSIM_BUS,
+    NVME_CLASS,
+    SYS_PCI,
+    pci_function_of,
+    read,
+    run,
+    set_numvfs,
+    stitched_node,
+    uplink,
+    wait_for,
+    write_sysfs,
+)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -62,3 +74,34 @@ def rxe() -> Iterator[tuple[str, str]]:
     yield RXE, netdev
     run("ip", "link", "set", netdev, "up")
 
+
+
+@pytest.fixture
+def roce_node(rxe: tuple[str, str], tmp_path: Path) -> Iterator[tuple[Path, str, list[tuple[str, str]]]]:
+    """Soft-RoCE "PF" rxe0 on the virtio-net NIC plus two "VFs": macvlans on it, each with its own rxe.
+
+    Yields (sysfs root for the agent, PF PCI address, [(VF netdev, VF rdma device)]).
+    """
+    pf_rdma, uplink_dev = rxe
+    vfs: list[tuple[str, str]] = []
+    for i in (1, 2):
+        name = f"mv{i}"
+        if not Path("/sys/class/net", name).exists():
+            r = run("ip", "link", "add", name, "link", uplink_dev, "type", "macvlan", "mode", "bridge")
+            assert r.returncode == 0, r.stderr
+        assert run("ip", "link", "set", name, "up").returncode == 0
+        rdma = f"rxe{i}"
+        if not Path("/sys/class/infiniband", rdma).exists():
+            r = run("rdma", "link", "add", rdma, "type", "rxe", "netdev", name)
+            assert r.returncode == 0, f"rdma link add {rdma} on {name}: {r.stderr}"
+        vfs.append((name, rdma))
+    for _, rdma in [(uplink_dev, pf_rdma), *vfs]:
+        state = Path("/sys/class/infiniband", rdma, "ports/1/state")
+        wait_for(lambda s=state: read(s) == "4: ACTIVE", what=f"{rdma} ACTIVE")
+    root = tmp_path / "node"
+    template = pci_function_of(uplink_dev)
+    pf_addr = template.name
+    stitched_node(root, pf_addr, template, (uplink_dev, pf_rdma), list(vfs))
+    yield root, pf_addr, vfs
+    for name, _ in vfs:
+        run("ip", "link", "set", name, "up")

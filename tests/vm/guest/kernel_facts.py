@@ -9,7 +9,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from guestlib import read, run, set_numvfs, wait_for, write_sysfs
+from guestlib import read, run, set_numvfs, vf_info, wait_for, write_sysfs
 from pyroute2 import IPRoute
 
 TOTAL = int(os.environ.get("VM_NVME_TOTAL_VFS", "8"))
@@ -72,30 +72,19 @@ def test_nvme_resize_through_zero_removes_and_recreates(nvme_pf: Path) -> None:
     assert len(virtfns(nvme_pf)) == TOTAL
 
 
+def test_nvme_recreated_vf_has_a_new_sysfs_inode(nvme_pf: Path) -> None:
+    """How the VM tests tell "left alone" from "destroyed and re-created at the same address"."""
+    set_numvfs(nvme_pf, 2)
+    vf = nvme_pf.parent / virtfns(nvme_pf)["virtfn0"]
+    before = os.stat(vf).st_ino
+    write_sysfs(nvme_pf / "sriov_numvfs", "2")  # same count: a no-op
+    assert os.stat(vf).st_ino == before
+    set_numvfs(nvme_pf, 0)
+    set_numvfs(nvme_pf, 2)
+    assert os.stat(vf).st_ino != before
+
+
 # ---------------------------------------------------------------- netdevsim VFs over netlink
-def vf_info(ipr: IPRoute, ifname: str) -> list[dict[str, object]]:
-    """IFLA_VFINFO_LIST of a PF netdev (asked for with RTEXT_FILTER_VF), one flat dict per VF."""
-    (msg,) = ipr.link("get", ifname=ifname, ext_mask=1)
-    vflist = msg.get_attr("IFLA_VFINFO_LIST")
-    if vflist is None:
-        return []
-    out = []
-    for info in vflist.get_attrs("IFLA_VF_INFO"):
-        rate = info.get_attr("IFLA_VF_RATE")
-        out.append({
-            "vf": info.get_attr("IFLA_VF_MAC")["vf"],
-            "mac": info.get_attr("IFLA_VF_MAC")["mac"],
-            "vlan": info.get_attr("IFLA_VF_VLAN")["vlan"],
-            "qos": info.get_attr("IFLA_VF_VLAN")["qos"],
-            "spoofchk": info.get_attr("IFLA_VF_SPOOFCHK")["spoofchk"],
-            "trust": info.get_attr("IFLA_VF_TRUST")["trust"],
-            "link_state": info.get_attr("IFLA_VF_LINK_STATE")["link_state"],
-            "max_tx_rate": rate["max_tx_rate"],
-            "min_tx_rate": rate["min_tx_rate"],
-        })
-    return out
-
-
 def test_netdevsim_numvfs_shows_vfs_in_netlink(netdevsim: tuple[Path, str]) -> None:
     dev, ifname = netdevsim
     write_sysfs(dev / "sriov_numvfs", "4")
