@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import tempfile
 from pathlib import Path
@@ -39,7 +40,9 @@ def demo_settings(root: Path, metrics_address: str = "", health_address: str = "
 
 
 def run_demo(once: bool = False, metrics_address: str = "", health_address: str = "") -> int:
-    with tempfile.TemporaryDirectory(prefix="sriov-rdma-demo-") as tmp:
+    # tmpfs when there is one: the ~900 files of the simulated sysfs take seconds on some VM disks.
+    shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+    with tempfile.TemporaryDirectory(prefix="sriov-rdma-demo-", dir=shm) as tmp:
         return asyncio.run(_demo(Path(tmp), once, metrics_address, health_address))
 
 
