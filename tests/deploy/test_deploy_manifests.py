@@ -30,7 +30,7 @@ from agent.core.discovery import resolve_pfs
 from agent.settings import Settings, env_name
 from agent.sim.node import dgx_spark
 
-from .conftest import BASE, REPO, Obj, only
+from .conftest import REPO, Obj, only
 
 K8S_VERSION = "1.32.0"  # Talos 1.9+ default; the manifests use nothing newer than GA gRPC probes (1.27)
 SCHEMAS = Path(__file__).parent / "schemas"
@@ -293,15 +293,13 @@ def test_image_tag_is_the_package_version(base: list[Obj]) -> None:
     assert image.rpartition(":")[2] == agent.__version__ == project["version"]
 
 
-def test_grafana_dashboard_configmap_is_in_the_base_when_present(base: list[Obj]) -> None:
+def test_grafana_dashboard_configmap_is_in_the_base(base: list[Obj]) -> None:
     dashboards = [o for o in base if o["kind"] == "ConfigMap"
                   and o["metadata"].get("labels", {}).get("grafana_dashboard") == "1"]
-    if (BASE / "grafana-dashboard.yaml").exists():
-        assert len(dashboards) == 1
-        boards = [json.loads(v) for k, v in dashboards[0]["data"].items() if k.endswith(".json")]
-        assert boards and all(b["panels"] for b in boards)
-    else:
-        assert dashboards == []
+    assert len(dashboards) == 1
+    assert dashboards[0]["metadata"]["namespace"] == "sriov-rdma-agent"
+    boards = [json.loads(v) for k, v in dashboards[0]["data"].items() if k.endswith(".json")]
+    assert boards and all(b["panels"] for b in boards)
 
 
 # ------------------------------------------------------------------ examples
