@@ -32,7 +32,7 @@ from agent.sim.node import dgx_spark
 
 from .conftest import REPO, Obj, only
 
-K8S_VERSION = "1.32.0"  # Talos 1.9+ default; the manifests use nothing newer than GA gRPC probes (1.27)
+K8S_VERSION = "1.32.0"  # schemas of a current release; nothing used is newer than GA gRPC probes (1.27)
 SCHEMAS = Path(__file__).parent / "schemas"
 CRD_SCHEMAS = {
     ("operator.victoriametrics.com/v1beta1", "VMPodScrape"): "vmpodscrape.json",
