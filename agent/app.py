@@ -98,6 +98,9 @@ class ResourceBackend:
         return preferred_allocation(available, must_include, size, view)
 
 
+# Last-reconcile states that turn the "lifecycle" health service NOT_SERVING.
+RECONCILE_FAILING = frozenset({"error", "hung", "not_found"})
+
 RootTask = Callable[["Agent"], Coroutine[Any, Any, None]]
 
 
@@ -117,6 +120,7 @@ class Agent:
     metrics: AgentMetrics | None = None
     health: HealthServer | None = None
     metrics_server: MetricsServer | None = None
+    _scan_problems: list[str] = field(default_factory=list)
     health_watch: HealthWatch = field(default_factory=HealthWatch)  # link overlay, debounce, re-checks
     before_serving: list[RootTask] = field(default_factory=list)  # awaited after the first scan
     pf_listeners: list[Callable[[frozenset[str]], None]] = field(default_factory=list)  # PFs (re)appeared
@@ -258,9 +262,22 @@ class Agent:
             self.health.report(component, ok, reason)
 
     def _report_scan(self, res: Resolution, node: NodeState) -> None:
-        """Lifecycle health from the last scan: every configured PF found and readable."""
+        """Lifecycle health, part one: every configured PF found and readable in the last scan."""
         unread = [f"cannot read PF {m.pci_address}" for m in res.matches if m.pci_address not in node.pfs]
-        problems = [*res.problems, *unread]
+        self._scan_problems = [*res.problems, *unread]
+        self._report_lifecycle()
+
+    def publish_reconcile_status(self, status: dict[str, PfReconcileStatus]) -> None:
+        """Store the last reconcile outcome per PF; lifecycle health follows at once."""
+        self.reconcile_status = status
+        self._report_lifecycle()
+
+    def _report_lifecycle(self) -> None:
+        """SERVING while every PF is found and its last reconcile did not fail. A refusal (say, a
+        shrink under a VF a pod holds) is the agent keeping the node safe, so it stays SERVING."""
+        failing = [f"PF {s.pf}: reconcile {s.state}" + (f" ({s.reason})" if s.reason else "")
+                   for s in self.reconcile_status.values() if s.state in RECONCILE_FAILING]
+        problems = [*self._scan_problems, *failing]
         self._report(LIFECYCLE, not problems, problems[0] if problems else "")
 
     async def status(self) -> Mapping[str, object]:

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 from agent.config import Config
 from agent.core.discovery import Resolution
 from agent.core.inventory import NodeState
-from agent.model import Health, PfInfo, ResourceView
+from agent.model import Health, PfInfo, PfReconcileStatus, ResourceView
 
 
 @dataclass(frozen=True)
@@ -64,12 +64,20 @@ class ObservedAgent(Protocol):
     @property
     def lifecycles(self) -> Mapping[str, _Registration]: ...
 
+    @property
+    def reconcile_status(self) -> Mapping[str, PfReconcileStatus]: ...
+
 
 @dataclass(frozen=True)
 class PfRow:
     resource: str
     pf: PfInfo
     desired_vfs: int | None  # None: externally managed without numVfs
+    reconcile: PfReconcileStatus | None  # None until the lifecycle has reconciled this PF
+
+    @property
+    def eswitch_mode(self) -> str | None:
+        return self.pf.eswitch_mode or (self.reconcile.eswitch_mode if self.reconcile else None)
 
 
 @dataclass(frozen=True)
@@ -92,7 +100,8 @@ def pf_rows(agent: ObservedAgent) -> list[PfRow]:
     for m in agent.resolution.matches:
         pf = agent.node.pfs.get(m.pci_address)
         if pf is not None:
-            rows.append(PfRow(m.resource.resource_name, pf, m.pf.num_vfs))
+            rows.append(PfRow(m.resource.resource_name, pf, m.pf.num_vfs,
+                              agent.reconcile_status.get(m.pci_address)))
     return rows
 
 
@@ -127,7 +136,9 @@ def status_document(agent: ObservedAgent, owners: Mapping[tuple[str, str], PodRe
             "speed_mbps": pf.netdev.speed_mbps if pf.netdev else None,
             "mtu": pf.netdev.mtu if pf.netdev else None,
             "vfs": pf.sriov_numvfs, "desired_vfs": row.desired_vfs, "max_vfs": pf.sriov_totalvfs,
-            "eswitch_mode": pf.eswitch_mode,
+            "eswitch_mode": row.eswitch_mode,
+            "reconcile": row.reconcile.state if row.reconcile else "",
+            "reconcile_reason": row.reconcile.message or row.reconcile.reason if row.reconcile else "",
             "rdma_device": pf.rdma.name if pf.rdma else "",
             "rdma_state": f"{port.state}: {port.state_name}" if port else "",
         })
@@ -148,14 +159,16 @@ def status_document(agent: ObservedAgent, owners: Mapping[tuple[str, str], PodRe
 def render(doc: Mapping[str, Any]) -> str:
     """The status document as fixed-width tables a person reads in a terminal."""
     lines = ["PHYSICAL FUNCTIONS"]
-    pf_cols = ("RESOURCE", "PF", "NETDEV", "LINK", "SPEED", "MTU", "VFS", "ESWITCH", "RDMA", "PORT")
+    pf_cols = ("RESOURCE", "PF", "NETDEV", "LINK", "SPEED", "MTU", "VFS", "ESWITCH", "RDMA", "PORT",
+               "RECONCILE")
     pf_table: list[tuple[str, ...]] = [pf_cols]
     for p in doc["pfs"]:
         want = "" if p["desired_vfs"] is None else f"/{p['desired_vfs']}"
         speed = f"{p['speed_mbps'] // 1000}G" if p["speed_mbps"] else "-"
         pf_table.append((p["resource"], p["pf"], p["netdev"] or "-", p["link"], speed,
                          str(p["mtu"] or "-"), f"{p['vfs']}{want} (max {p['max_vfs']})",
-                         p["eswitch_mode"] or "-", p["rdma_device"] or "-", p["rdma_state"] or "-"))
+                         p["eswitch_mode"] or "-", p["rdma_device"] or "-", p["rdma_state"] or "-",
+                         _reconcile(p)))
     lines += _table(pf_table)
     lines += ["", "VIRTUAL FUNCTIONS"]
     vf_cols = ("RESOURCE", "VF", "PF", "#", "NETDEV", "RDMA", "HEALTH", "ALLOCATED", "POD")
@@ -177,6 +190,12 @@ def render(doc: Mapping[str, Any]) -> str:
         lines.append("pods: kubelet PodResources API unreachable; ALLOCATED is from the agent's own records")
     lines += [f"problem: {p}" for p in doc["problems"]]
     return "\n".join(lines)
+
+
+def _reconcile(p: Mapping[str, Any]) -> str:
+    if not p["reconcile"]:
+        return "-"
+    return f"{p['reconcile']}" + (f" ({p['reconcile_reason']})" if p["reconcile_reason"] else "")
 
 
 def _table(rows: Sequence[tuple[str, ...]]) -> list[str]:

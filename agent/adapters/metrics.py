@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 PREFIX = "sriov_rdma"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # what render_text writes
 ESWITCH_MODES = ("legacy", "switchdev")
+RECONCILE_STATES = ("ok", "refused", "error", "external", "not_found", "hung")  # model.PfReconcileStatus
 
 # ports/N/counters (IBA PMA) -> (node_exporter infiniband name, multiplier to base units).
 IB_COUNTERS: dict[str, tuple[str, int]] = {
@@ -198,6 +199,11 @@ class AgentCollector(Collector):
         mtu = GaugeMetricFamily(_m("pf_mtu_bytes"), "PF netdev MTU.", labels=L)
         eswitch = GaugeMetricFamily(_m("pf_eswitch_mode"), "1 for the PF's current devlink eswitch mode.",
                                     labels=["pf", "mode"])
+        rstate = GaugeMetricFamily(_m("pf_reconcile_state"),
+                                   "1 for the outcome of the PF's last VF lifecycle reconcile.",
+                                   labels=["pf", "resource", "state"])
+        rtime = GaugeMetricFamily(_m("pf_reconcile_timestamp_seconds"), "When the PF was last reconciled.",
+                                  labels=["pf"])
         ib_info = InfoMetricFamily(_m("infiniband_port"), "An RDMA port of a PF and its link layer.",
                                    labels=["device", "port"])
         state = GaugeMetricFamily(_m("infiniband_state_id"),
@@ -231,9 +237,9 @@ class AgentCollector(Collector):
                 mtu.add_metric(a, pf.netdev.mtu)
                 if pf.netdev.speed_mbps is not None:
                     speed.add_metric(a, pf.netdev.speed_mbps * 1_000_000 / 8)
-            if pf.eswitch_mode is not None:
+            if row.eswitch_mode is not None:
                 for mode in ESWITCH_MODES:
-                    eswitch.add_metric([pf.pci_address, mode], 1 if pf.eswitch_mode == mode else 0)
+                    eswitch.add_metric([pf.pci_address, mode], 1 if row.eswitch_mode == mode else 0)
             if pf.rdma is None:
                 continue
             for port in pf.rdma.ports:
@@ -255,7 +261,13 @@ class AgentCollector(Collector):
                         continue
                     name = HW_COUNTERS.get(fname) or f"hw_{_sanitize(fname)}_total"
                     counter(name, f"mlx5 ports/N/hw_counters/{fname}").add_metric(dp, value)
-        yield from (info, desired, actual, most, link, speed, mtu, eswitch, ib_info, state, phys, rate)
+        for st in self.agent.reconcile_status.values():  # also PFs the config names but the node lacks
+            for name in RECONCILE_STATES:
+                rstate.add_metric([st.pf, st.resource, name], 1 if st.state == name else 0)
+            if st.updated_at:
+                rtime.add_metric([st.pf], st.updated_at)
+        yield from (info, desired, actual, most, link, speed, mtu, eswitch, rstate, rtime)
+        yield from (ib_info, state, phys, rate)
         yield from counters.values()
 
     def _vfs(self) -> Iterator[Metric]:

@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from obs_node import CONFIG, RESOURCE, Node, make_node
 
 from agent.adapters.health_server import StatusUnavailableError, fetch_status
+from agent.model import PfReconcileStatus
 from agent.sim.kubelet import FakeKubelet
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -134,6 +135,34 @@ def test_lifecycle_not_serving_when_a_configured_pf_is_missing(short_root: Path)
             assert await check(stub, "") == NOT_SERVING
             doc = await fetch_status(f"127.0.0.1:{node.agent.health.port}")  # type: ignore[union-attr]
             assert "enp9s0f0np0" in doc["health"]["lifecycle"]["reason"]
+            runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await runner
+
+    asyncio.run(scenario())
+
+
+def test_lifecycle_follows_the_last_reconcile(short_root: Path) -> None:
+    node = make_node(short_root, health_address="127.0.0.1:0")
+    kubelet = FakeKubelet(node.agent.settings.device_plugin_dir)
+    pf = "0002:01:00.0"
+
+    def outcome(state: str, reason: str) -> dict[str, PfReconcileStatus]:
+        return {pf: PfReconcileStatus(pf=pf, resource=RESOURCE, state=state, reason=reason)}
+
+    async def scenario() -> None:
+        await kubelet.start()
+        async with running(node, kubelet) as stub:
+            runner = asyncio.create_task(node.agent.run())
+            await wait_status(stub, "", SERVING)
+            node.agent.publish_reconcile_status(outcome("error", "EIO"))
+            await wait_status(stub, "lifecycle", NOT_SERVING)
+            assert await check(stub, "") == NOT_SERVING
+            doc = await fetch_status(f"127.0.0.1:{node.agent.health.port}")  # type: ignore[union-attr]
+            assert doc["health"]["lifecycle"]["reason"] == "PF 0002:01:00.0: reconcile error (EIO)"
+            # refusing to shrink under a VF a pod holds is the agent doing its job
+            node.agent.publish_reconcile_status(outcome("refused", "vf_in_use"))
+            await wait_status(stub, "", SERVING)
             runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await runner
