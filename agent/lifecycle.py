@@ -9,7 +9,6 @@ work runs in worker threads; the event loop keeps serving ListAndWatch and healt
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import os
@@ -20,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.adapters.executor import Executor, Timeouts, VfNetlinkPort, error_reason
+from agent.adapters.executor import Executor, Timeouts, VfNetlinkPort, error_reason, observe_pf
 from agent.adapters.inotify import IN_CLOSE_WRITE, IN_CREATE, IN_DELETE, IN_MOVED_TO, Inotify
 from agent.adapters.netlink_vf import PyrouteVfNetlink
 from agent.adapters.podresources import PodResourcesClient
@@ -34,12 +33,11 @@ from agent.core.reconcile import (
     PfObserved,
     Refuse,
     SetNumVfs,
-    VfObserved,
     Warn,
     mutates,
     plan,
 )
-from agent.errors import AgentError, ConfigError, NetlinkOpError, OperationTimeoutError, SysfsError
+from agent.errors import AgentError, ConfigError, OperationTimeoutError, SysfsError
 from agent.logs import ctx
 from agent.model import PfReconcileStatus
 
@@ -261,29 +259,11 @@ class Lifecycle:
         return Observed(pfs, in_use)
 
     def observe_pf(self, address: str) -> PfObserved | None:
-        """sysfs for the PF and its VFs, rtnetlink for admin state and VF attributes, devlink for eswitch."""
         try:
-            info = self.agent.sysfs.read_pf(address)
+            return observe_pf(self.agent.sysfs, self.netlink, address)
         except SysfsError as e:
             log.error("cannot read PF: %s", e, extra=ctx("reconcile", address))
             return None
-        ifname = info.netdev.name if info.netdev else None
-        link = None
-        if ifname is not None:
-            with contextlib.suppress(NetlinkOpError):
-                link = self.netlink.read_pf(ifname)
-        try:
-            eswitch = self.netlink.eswitch_mode(address)
-        except NetlinkOpError:
-            eswitch = None
-        attrs = {a.index: a for a in link.vfs} if link else {}
-        vfs = tuple(VfObserved(v.index, v.pci_address, v.driver, v.netdev.name if v.netdev else None,
-                               v.netdev.mtu if v.netdev else None, attrs.get(v.index)) for v in info.vfs)
-        return PfObserved(
-            pci_address=address, ifname=ifname, driver=info.driver, totalvfs=info.sriov_totalvfs,
-            numvfs=info.sriov_numvfs, drivers_autoprobe=info.sriov_drivers_autoprobe,
-            mtu=link.mtu if link else (info.netdev.mtu if info.netdev else None),
-            admin_up=link.admin_up if link else None, eswitch_mode=eswitch, vfs=vfs)
 
     def _publish(self, config: Config, res: Resolution, desired: Desired, observed: Observed,
                  run: _Run) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
+import logging
 import os
 import threading
 from collections.abc import Callable
@@ -22,6 +24,7 @@ from agent.core.reconcile import (
     Action,
     BindVfDriver,
     PfLink,
+    PfObserved,
     Refuse,
     SetDriversAutoprobe,
     SetLinkUp,
@@ -29,10 +32,14 @@ from agent.core.reconcile import (
     SetNumVfs,
     SetVfAttrs,
     VfChange,
+    VfObserved,
     WaitForVfs,
     Warn,
 )
 from agent.errors import AgentError, NetlinkOpError, OperationTimeoutError, SysfsError
+from agent.logs import ctx
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -103,6 +110,7 @@ class Executor:
             return await asyncio.wait_for(asyncio.shield(fut), timeout)
         except TimeoutError:
             self._stuck[pf] = (thread, what)
+            fut.add_done_callback(functools.partial(_late, pf, what))
             raise OperationTimeoutError(what, pf, timeout, "the kernel call is still blocked") from None
 
     def hung(self, pf: str) -> str | None:
@@ -183,16 +191,61 @@ class Executor:
             if not (d / "driver").is_symlink():
                 return f"VF {index} ({addr}) is not bound to a driver yet"
             if os.path.basename(os.readlink(d / "driver")) == "mlx5_core" and not (
-                    _has_entries(d / "net") or _has_entries(d / "infiniband")):
+                    _entries(d / "net") or _entries(d / "infiniband")):
                 return f"VF {index} ({addr}) has no netdev or RDMA device yet"
         return ""
 
 
-def _has_entries(path: Path) -> bool:
+def observe_pf(sysfs: SysfsHost, netlink: VfNetlinkPort, address: str) -> PfObserved:
+    """What the planner needs of one PF: sysfs for the PF and its VFs (a few files per VF, not the full
+    discovery read), rtnetlink for admin state, MTU and VF attributes, devlink for the eswitch mode."""
+    info = sysfs.read_pf(address, with_vfs=False)
+    ifname = info.netdev.name if info.netdev else None
+    link = None
+    if ifname is not None:
+        with contextlib.suppress(NetlinkOpError):
+            link = netlink.read_pf(ifname)
     try:
-        return bool(os.listdir(path))
+        eswitch = netlink.eswitch_mode(address)
+    except NetlinkOpError:
+        eswitch = None
+    attrs = {a.index: a for a in link.vfs} if link else {}
+    vfs = []
+    for index, vf in sysfs.vf_links(address):
+        d = sysfs.pci_dir(vf)
+        driver = os.path.basename(os.readlink(d / "driver")) if (d / "driver").is_symlink() else None
+        nets = _entries(d / "net")
+        netdev = nets[0] if nets else None
+        mtu = _int_file(d / "net" / netdev / "mtu") if netdev else None
+        vfs.append(VfObserved(index, vf, driver, netdev, mtu, attrs.get(index)))
+    return PfObserved(
+        pci_address=address, ifname=ifname, driver=info.driver, totalvfs=info.sriov_totalvfs,
+        numvfs=info.sriov_numvfs, drivers_autoprobe=info.sriov_drivers_autoprobe,
+        mtu=link.mtu if link else (info.netdev.mtu if info.netdev else None),
+        admin_up=link.admin_up if link else None, eswitch_mode=eswitch, vfs=tuple(vfs))
+
+
+def _entries(path: Path) -> list[str]:
+    try:
+        return sorted(os.listdir(path))
     except OSError:
-        return False
+        return []
+
+
+def _int_file(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _late(pf: str, what: str, fut: asyncio.Future[object]) -> None:
+    """A timed-out kernel call finally returned: say how it ended (nobody awaits it any more)."""
+    err = fut.exception()
+    if err is None:
+        log.warning("hung operation finished late: %s", what, extra=ctx("kernel-call", pf, pf=pf))
+    else:
+        log.warning("hung operation failed late: %s: %s", what, err, extra=ctx("kernel-call", pf, pf=pf))
 
 
 def error_reason(exc: AgentError) -> tuple[str, str]:
