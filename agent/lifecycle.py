@@ -91,7 +91,7 @@ class Lifecycle:
 
     async def before_serving(self, agent: Agent) -> None:
         """The startup reconcile; serving starts when it is done or after ``startup_wait`` at most."""
-        self._first = asyncio.create_task(self.reconcile("startup"), name="reconcile-startup")
+        self._first = asyncio.create_task(self.guarded("startup"), name="reconcile-startup")
         done, _ = await asyncio.wait({self._first}, timeout=self.startup_wait)
         if not done:
             log.warning("startup reconcile still running after %gs; serving meanwhile", self.startup_wait,
@@ -109,7 +109,16 @@ class Lifecycle:
                 await self._wake.wait()
                 self._wake.clear()
                 reasons, self._reasons = self._reasons, []
-                await self.reconcile("; ".join(dict.fromkeys(reasons)))
+                await self.guarded("; ".join(dict.fromkeys(reasons)))
+
+    async def guarded(self, trigger: str) -> None:
+        """A reconcile whose unexpected failure is logged and counted; serving goes on either way."""
+        try:
+            await self.reconcile(trigger)
+        except Exception:
+            self.agent.stats.inc("reconcile_errors", pf="", reason="internal")
+            log.exception("reconcile (%s) failed unexpectedly; serving continues", trigger,
+                          extra=ctx("reconcile"))
 
     # ------------------------------------------------------------ config hot-reload
     async def watch_config(self) -> None:
@@ -166,6 +175,7 @@ class Lifecycle:
             desired = self.desired(config, res)
             run = _Run()
             observed = Observed({})
+            todo: list[Action] = []
             for _ in range(self.max_rounds):
                 observed = await self.observe(desired)
                 live = Desired(tuple(p for p in desired.pfs if p.pci_address not in run.failed))
@@ -177,8 +187,8 @@ class Lifecycle:
                 await self._apply(todo, run)
                 await self.agent.rescan("reconcile")
             else:
-                for p in desired.pfs:
-                    run.failed.setdefault(p.pci_address, ("not_converged", "still not in the desired state"))
+                for a in todo:
+                    run.failed.setdefault(a.pf, ("not_converged", f"still to do: {a.describe()}"))
             self._publish(config, res, desired, observed, run)
             total = sum(run.applied.values())
             if total or run.failed:
@@ -240,7 +250,7 @@ class Lifecycle:
             self._pod_source = "record"
             return frozenset(mine)
         self._pod_source = "podresources"
-        recent = {d for d, a in mine.items() if time.time() - getattr(a, "at", 0.0) < ALLOCATE_GRACE_S}
+        recent = {d for d, a in mine.items() if time.time() - a.at < ALLOCATE_GRACE_S}
         return frozenset(dev for _, dev in owners) | frozenset(recent)
 
     async def observe(self, desired: Desired) -> Observed:

@@ -11,7 +11,7 @@ from pathlib import Path
 from agent.adapters.executor import Timeouts
 from agent.app import Agent, Allocation, build_agent
 from agent.config import parse_config
-from agent.core.reconcile import SetNumVfs, SetVfAttrs, stable_mac
+from agent.core.reconcile import SetNumVfs, SetVfAttrs, VfChange, stable_mac
 from agent.lifecycle import Lifecycle, dry_run, format_plan
 from agent.sim.kernel import SimKernel, SimNetlink
 from agent.sim.node import SimNode, dgx_spark
@@ -194,3 +194,31 @@ def test_dry_run_prints_the_plan_and_changes_nothing(sim_root: Path) -> None:
     acts = asyncio.run(dry_run(settled.agent, settled.netlink))
     assert all(isinstance(a, SetVfAttrs) for a in acts) and len(acts) == 4
     assert "nothing to change" in format_plan(())
+
+
+class _IgnoringNetlink(SimNetlink):
+    """A driver that accepts VF attribute changes and silently keeps the old values."""
+
+    def set_vf(self, ifname: str, vf: int, change: VfChange) -> None:
+        self.calls.append(("set_vf", ifname, (vf, change)))
+
+
+class _BrokenNetlink(SimNetlink):
+    def eswitch_mode(self, pci_address: str) -> str | None:
+        raise RuntimeError("a bug, not a kernel error")
+
+
+def test_a_pf_that_never_converges_is_reported_not_retried_forever(sim_root: Path) -> None:
+    node = dgx_spark(sim_root / "node", numvfs=2)
+    rig = make(node, cfg("numVfs: 2, trust: true"), netlink=_IgnoringNetlink(node))
+    reconcile(rig)
+    st = rig.agent.reconcile_status[PF]
+    assert (st.state, st.reason) == ("error", "not_converged") and "trust=True" in st.message
+    assert len(rig.netlink.calls) == 2 * rig.lc.max_rounds  # bounded: max_rounds rounds of 2 VFs
+
+
+def test_an_unexpected_failure_is_logged_and_counted_and_serving_goes_on(sim_root: Path) -> None:
+    node = dgx_spark(sim_root / "node", numvfs=0)
+    rig = make(node, cfg(), netlink=_BrokenNetlink(node))
+    asyncio.run(rig.lc.guarded("test"))
+    assert rig.agent.stats.get("reconcile_errors", pf="", reason="internal") == 1
