@@ -34,8 +34,9 @@ ACTIONS = frozenset({"add", "remove", "bind", "unbind", "move", "change"})
 KERNEL_GROUP = 1
 UDEV_GROUP = 2
 _LIBUDEV_MAGIC = b"libudev\x00"
-# prefix[8], magic, header_size, properties_off, properties_len, filter hash, bloom hi/lo
-_LIBUDEV_HEADER = struct.Struct("8sIIIIIII")
+# libudev's monitor_netlink_header: prefix[8], magic, header_size, properties_off, properties_len,
+# filter_subsystem_hash, filter_devtype_hash, filter_tag_bloom_hi, filter_tag_bloom_lo (40 bytes)
+_LIBUDEV_HEADER = struct.Struct("8sIIIIIIII")
 _RECV_SIZE = 1 << 16
 
 Source = Literal["udev", "kernel"]
