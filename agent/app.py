@@ -163,9 +163,15 @@ class Agent:
         return Resolution(res.matches, tuple(problems)), NodeState(pfs)
 
     async def rescan(self, reason: str = "") -> None:
-        """Re-read the node and push any change to the kubelet at once."""
+        """Re-read the node and push any change to the kubelet at once.
+
+        The sysfs walk runs in a worker thread so link events keep reaching the kubelet while it
+        runs; netlink's link state is laid over the result again when it is published, so a flip
+        that happened during the walk is not undone by it.
+        """
         async with self._scan_lock:
-            res, node = self.scan()
+            res, node = await asyncio.to_thread(self.scan)
+            node = NodeState({a: self.health_watch.overlay(pf) for a, pf in node.pfs.items()})
             before = {a for a, p in self.node.pfs.items() if p.driver}
             scanned_before = bool(self.resolution.matches or self.resolution.problems)
             self.resolution, self.node = res, node
@@ -174,14 +180,26 @@ class Agent:
                 for listener in self.pf_listeners:
                     listener(appeared)
             self._report_scan(res, node)
-            in_pod = self.in_pod()
-            for resource in self.config.resources:
-                pfs = [node.pfs[m.pci_address] for m in res.for_resource(resource.resource_name)
-                       if m.pci_address in node.pfs]
-                view = self.health_watch.settle(build_view(resource, pfs, in_pod), self.stats)
-                old = self.hub.views.get(resource.resource_name)
-                if await self.hub.publish(view):
-                    self._log_transitions(old, view, reason)
+            await self._publish_views(res, node, reason)
+
+    async def refresh_links(self, reason: str) -> None:
+        """Re-derive health from the node as last read, with netlink's newest link state.
+
+        A carrier flip changes nothing sysfs would add, so skipping the sysfs walk keeps the
+        kubelet's view within milliseconds of the kernel event.
+        """
+        self.node = NodeState({a: self.health_watch.overlay(pf) for a, pf in self.node.pfs.items()})
+        await self._publish_views(self.resolution, self.node, reason)
+
+    async def _publish_views(self, res: Resolution, node: NodeState, reason: str) -> None:
+        in_pod = self.in_pod()
+        for resource in self.config.resources:
+            pfs = [node.pfs[m.pci_address] for m in res.for_resource(resource.resource_name)
+                   if m.pci_address in node.pfs]
+            view = self.health_watch.settle(build_view(resource, pfs, in_pod), self.stats)
+            old = self.hub.views.get(resource.resource_name)
+            if await self.hub.publish(view):
+                self._log_transitions(old, view, reason)
 
     def _log_transitions(self, old: ResourceView | None, new: ResourceView, reason: str) -> None:
         before = old.by_id() if old else {}

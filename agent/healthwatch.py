@@ -19,7 +19,15 @@ from typing import TYPE_CHECKING, Any
 
 from agent.adapters.netlink import DEFAULT_RESYNC_S, Links, LinkWatcher
 from agent.adapters.udev import DeviceEvent, Source, UeventWatcher, describe
-from agent.core.health import DEFAULT_SETTLE_S, Debounce, LinkObservation, fold, link_matters, with_links
+from agent.core.health import (
+    DEFAULT_SETTLE_S,
+    Debounce,
+    LinkObservation,
+    fold,
+    link_matters,
+    link_state_only,
+    with_links,
+)
 from agent.model import PfInfo, ResourceView
 from agent.stats import Stats
 
@@ -38,7 +46,8 @@ class HealthWatch:
     clock: Callable[[], float] = time.monotonic
     links: dict[str, LinkObservation] = field(default_factory=dict)  # netlink's latest word, by name
     debounce: dict[str, Debounce] = field(default_factory=dict)  # per resource
-    deadlines: set[float] = field(default_factory=set)
+    deadlines: set[float] = field(default_factory=set)  # a pending recovery becomes reportable
+    rereads: set[float] = field(default_factory=set)  # read sysfs again (RDMA port state)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     # ------------------------------------------------------------ used by Agent.rescan
@@ -62,7 +71,15 @@ class HealthWatch:
     async def on_links(self, agent: Agent, before: Links, after: Links, reason: str) -> None:
         self.links = {o.name: o for o in after.values()}
         watched = watched_names(agent)
-        if any(link_matters(before.get(i), after.get(i), watched) for i in before.keys() | after.keys()):
+        changed = [i for i in before.keys() | after.keys()
+                   if link_matters(before.get(i), after.get(i), watched)]
+        if not changed:
+            return
+        if all(link_state_only(before.get(i), after.get(i)) for i in changed):
+            await agent.refresh_links(reason)  # carrier/admin flip: no sysfs walk on the hot path
+            if any(_came_up(before.get(i), after.get(i)) for i in changed):
+                self._follow_up()  # the RoCE port turns ACTIVE a moment after carrier: read it again
+        else:
             await agent.rescan(reason)
             self._follow_up()
 
@@ -90,29 +107,39 @@ class HealthWatch:
         return [self.link_task(), self.uevent_task()]
 
     async def timer(self, agent: Agent) -> None:
-        """Re-read the node at each deadline (settled recoveries, RDMA follow-ups)."""
+        """At each deadline: re-read sysfs (follow-ups), or just re-judge (a recovery settled)."""
         while True:
-            upcoming = min(self.deadlines, default=None)
+            upcoming = min(self.deadlines | self.rereads, default=None)
             timeout = None if upcoming is None else max(0.0, upcoming - self.clock())
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
             self._wake.clear()
             now = self.clock()
-            due = {d for d in self.deadlines if d <= now}
-            if due:
-                self.deadlines -= due
-                await agent.rescan("health re-check")
+            reread = {d for d in self.rereads if d <= now}
+            settled = {d for d in self.deadlines if d <= now}
+            self.rereads -= reread
+            self.deadlines -= settled
+            if reread:
+                await agent.rescan("re-read after a link or device event")
+            elif settled:
+                await agent.refresh_links("recovery settled")
 
     def _follow_up(self) -> None:
         now = self.clock()
-        for delay in FOLLOW_UP_S:
-            self._at(now + delay)
+        self.rereads.update(now + delay for delay in FOLLOW_UP_S)
+        self._wake.set()
 
     def _at(self, deadline: float) -> None:
         if deadline not in self.deadlines:
             self.deadlines.add(deadline)
             self._wake.set()
+
+
+def _came_up(before: LinkObservation | None, after: LinkObservation | None) -> bool:
+    def usable(o: LinkObservation | None) -> bool:
+        return o is not None and o.admin_up and o.carrier
+    return usable(after) and not usable(before)
 
 
 def watched_names(agent: Agent) -> set[str]:

@@ -66,6 +66,12 @@ def link_matters(before: LinkObservation | None, after: LinkObservation | None,
     return False
 
 
+def link_state_only(before: LinkObservation | None, after: LinkObservation | None) -> bool:
+    """Only admin state, carrier or operstate changed: the same netdev, nothing for sysfs to add."""
+    return (before is not None and after is not None and before.name == after.name
+            and before.parent_bus == after.parent_bus)
+
+
 def pci_gone(vf: VfInfo) -> bool:
     """The PF still links virtfnN to this address but the PCI function is no longer there."""
     return not vf.vendor and not vf.device and vf.driver is None
