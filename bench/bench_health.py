@@ -75,7 +75,8 @@ async def run(flips: int, vfs: int, settle_s: float) -> dict[str, list[float]]:
     subprocess.run(["ip", "netns", "add", ns], check=True)
     bare: subprocess.Popen[str] | None = None
     try:
-        subprocess.run(["ip", "-n", ns, "link", "add", pf_name, "type", "veth", "peer", "name", peer], check=True)
+        subprocess.run(["ip", "-n", ns, "link", "add", pf_name, "type", "veth", "peer", "name", peer],
+                       check=True)
         for n in (pf_name, peer):
             subprocess.run(["ip", "-n", ns, "link", "set", n, "up"], check=True)
         SimNode(root=root, pfs=[SimPf("0002:01:00.0", pf_name, numvfs=vfs, totalvfs=max(vfs, 8))]).build()
@@ -154,7 +155,7 @@ def main() -> int:
     p.add_argument("--flips", type=int, default=200)
     p.add_argument("--vfs", type=int, default=8)
     p.add_argument("--settle", type=float, default=0.02,
-                   help="recovery hold in seconds (the agent's default is 2 s; short here so flips are quick)")
+                   help="recovery hold in seconds (agent default 2 s; short here so flips are quick)")
     args = p.parse_args()
     if os.geteuid() != 0:
         print("needs root (network namespaces)", file=sys.stderr)
