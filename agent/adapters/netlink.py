@@ -136,8 +136,9 @@ class LinkWatcher:
             while True:
                 if reason != "start":
                     self.stats.inc("netlink_resyncs", reason=reason)
-                    log.warning("resyncing link table",
-                                extra=ctx("netlink-resync", self.netns, reason=reason))
+                    # The periodic safety net is routine; an overflow or error is worth a warning.
+                    log.log(logging.DEBUG if reason == "periodic" else logging.WARNING,
+                            "resyncing link table", extra=ctx("netlink-resync", self.netns, reason=reason))
                 before = dict(self.links)
                 try:
                     self.links = await self._dump(sock, ready)

@@ -168,6 +168,27 @@ def test_enobufs_recreates_the_socket_and_resyncs(netns: Netns) -> None:
     asyncio.run(body())
 
 
+def test_periodic_resync_is_quiet_when_nothing_was_missed(netns: Netns) -> None:
+    netns.veth(f"r{netns.tag}a", f"r{netns.tag}b")
+
+    async def body() -> None:
+        watcher = LinkWatcher(netns=netns.name, resync_s=0.1)
+        reasons: list[str] = []
+
+        async def on_change(before: object, after: object, reason: str) -> None:
+            reasons.append(reason)
+
+        task = asyncio.create_task(watcher.run(on_change))
+        try:
+            await _until(lambda: watcher.stats.get("netlink_resyncs", reason="periodic") >= 3)
+            assert reasons == ["netlink resync (start)"]  # same table each time: no callback
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(body())
+
+
 def test_kernel_uevents_for_net_devices_arrive_in_the_namespace(netns: Netns) -> None:
     a, b = f"u{netns.tag}a", f"u{netns.tag}b"
 
