@@ -103,8 +103,18 @@ class ResourceConfig:
 
 
 @dataclass(frozen=True)
+class LifecycleTimeouts:
+    """Optional ``lifecycle:`` section; None keeps the agent's defaults (120 s, 120 s, 30 s)."""
+
+    sysfs_write_s: float | None = None  # one sriov_numvfs / bind write
+    vf_wait_s: float | None = None  # new VFs (and their netdevs) to appear
+    startup_wait_s: float | None = None  # how long the start-up reconcile may delay serving
+
+
+@dataclass(frozen=True)
 class Config:
     resources: tuple[ResourceConfig, ...]
+    lifecycle: LifecycleTimeouts = LifecycleTimeouts()
 
     def all_pfs(self) -> tuple[tuple[ResourceConfig, PfConfig], ...]:
         return tuple((r, p) for r in self.resources for p in r.pfs)
@@ -122,7 +132,7 @@ def parse_config(text: str) -> Config:
 
 
 def config_from_obj(raw: object) -> Config:
-    root = _mapping(raw, "<root>", allowed={"version", "resources"})
+    root = _mapping(raw, "<root>", allowed={"version", "resources", "lifecycle"})
     version = root.get("version", "v1")
     if version != "v1":
         raise ConfigError("version", version, "only 'v1' is supported")
@@ -144,7 +154,24 @@ def config_from_obj(raw: object) -> Config:
             if key in pf_owner:
                 raise ConfigError(path, key, f"the same PF is already claimed by {pf_owner[key]}")
             pf_owner[key] = path
-    return Config(resources=resources)
+    return Config(resources=resources, lifecycle=_lifecycle(root.get("lifecycle")))
+
+
+def _lifecycle(raw: object) -> LifecycleTimeouts:
+    if raw is None:
+        return LifecycleTimeouts()
+    keys = {"sysfsWriteTimeoutSeconds": "sysfs_write_s", "vfWaitTimeoutSeconds": "vf_wait_s",
+            "startupWaitSeconds": "startup_wait_s"}
+    m = _mapping(raw, "lifecycle", allowed=set(keys))
+    values: dict[str, float] = {}
+    for key, name in keys.items():
+        val = m.get(key)
+        if val is None:
+            continue
+        if isinstance(val, bool) or not isinstance(val, int | float) or not 0 < val <= 3600:
+            raise ConfigError(f"lifecycle.{key}", val, "must be a number of seconds above 0 and at most 3600")
+        values[name] = float(val)
+    return LifecycleTimeouts(**values)
 
 
 def _resource(raw: object, path: str) -> ResourceConfig:

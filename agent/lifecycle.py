@@ -12,10 +12,11 @@ import asyncio
 import functools
 import logging
 import os
+import socket
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -67,6 +68,7 @@ class Lifecycle:
         self.agent = agent
         self.netlink = netlink
         self.executor = Executor(agent.sysfs, netlink, timeouts)
+        self._timeouts = self.executor.timeouts  # before the config's lifecycle: section is applied
         self.pods = pods or PodResourcesClient(agent.settings.pod_resources_socket)
         self.startup_wait = startup_wait
         self.max_rounds = max_rounds
@@ -92,9 +94,10 @@ class Lifecycle:
     async def before_serving(self, agent: Agent) -> None:
         """The startup reconcile; serving starts when it is done or after ``startup_wait`` at most."""
         self._first = asyncio.create_task(self.guarded("startup"), name="reconcile-startup")
-        done, _ = await asyncio.wait({self._first}, timeout=self.startup_wait)
+        wait = self.agent.config.lifecycle.startup_wait_s or self.startup_wait
+        done, _ = await asyncio.wait({self._first}, timeout=wait)
         if not done:
-            log.warning("startup reconcile still running after %gs; serving meanwhile", self.startup_wait,
+            log.warning("startup reconcile still running after %gs; serving meanwhile", wait,
                         extra=ctx("reconcile"))
 
     async def run(self, agent: Agent) -> None:
@@ -170,6 +173,9 @@ class Lifecycle:
         async with self._lock:
             started = time.monotonic()
             config = self.agent.config
+            t, base = config.lifecycle, self._timeouts
+            self.executor.timeouts = replace(base, sysfs_write=t.sysfs_write_s or base.sysfs_write,
+                                             vf_wait=t.vf_wait_s or base.vf_wait)
             res = await self.executor.call("resolve", "resolve PFs", self.executor.timeouts.netlink,
                                            self.agent.resolve)
             desired = self.desired(config, res)
@@ -228,11 +234,16 @@ class Lifecycle:
             if a.pf not in notes or isinstance(a, Refuse):
                 notes[a.pf] = a
 
+    @functools.cached_property
+    def node_name(self) -> str:
+        """Seeds stable MACs; the host name (hostNetwork) when --node-name is not set, never ""."""
+        return self.agent.settings.node_name or socket.gethostname()
+
     def desired(self, config: Config, res: Resolution) -> Desired:
         rdma = {r.resource_name: r.rdma for r in config.resources}
         return Desired(tuple(
             PfDesired(m.pci_address, m.resource.resource_name, m.pf, rdma.get(m.resource.resource_name, True),
-                      self.agent.settings.node_name)
+                      self.node_name)
             for m in res.matches))
 
     async def in_use(self) -> frozenset[str]:

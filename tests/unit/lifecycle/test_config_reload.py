@@ -11,6 +11,7 @@ import pytest
 from agent.adapters.executor import Timeouts
 from agent.app import build_agent
 from agent.config import parse_config
+from agent.errors import ConfigError
 from agent.lifecycle import Lifecycle
 from agent.sim.kernel import SimKernel, SimNetlink
 from agent.sim.node import dgx_spark
@@ -51,3 +52,27 @@ def test_invalid_config_is_rejected_and_the_last_good_one_kept(sim_root: Path, n
     assert agent.config.resources[0].pfs[0].num_vfs == 2
     asyncio.run(lc.reconcile("config changed"))
     assert node.pf("enP2p1s0f0np0").numvfs == 2
+
+
+def test_lifecycle_timeouts_from_config_apply_to_the_next_reconcile(sim_root: Path) -> None:
+    node = dgx_spark(sim_root / "node", numvfs=0)
+    # The simulated firmware takes 0.5 s per VF batch; the config allows 0.2 s for the VFs to appear.
+    text = "lifecycle:\n  vfWaitTimeoutSeconds: 0.2\n  sysfsWriteTimeoutSeconds: 5\n" + CX7_CONFIG
+    settings = node_settings(node.root)
+    Path(settings.config).write_text(text)
+    agent = build_agent(settings, parse_config(text))
+    nl = SimNetlink(node)
+    kernel = SimKernel(node, netlink=nl, vf_delay=0.5)
+    agent.sysfs.writer = kernel
+    lc = Lifecycle(agent, nl, Timeouts(vf_wait=60))
+    asyncio.run(lc.reconcile("startup"))
+    kernel.settle()
+    st = agent.reconcile_status["0002:01:00.0"]
+    assert (st.state, st.reason) == ("error", "timeout") and "0 of 4 virtfn links" in st.message
+    assert lc.executor.timeouts.vf_wait == 0.2 and lc.executor.timeouts.sysfs_write == 5
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "4000", '"10"', "true", "[1]"])
+def test_bad_lifecycle_timeouts_are_rejected(value: str) -> None:
+    with pytest.raises(ConfigError, match=r"lifecycle\.vfWaitTimeoutSeconds: must be a number of seconds"):
+        parse_config(f"lifecycle: {{vfWaitTimeoutSeconds: {value}}}\n" + CX7_CONFIG)
