@@ -10,12 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import os
-import shutil
-import subprocess
-import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -30,48 +24,20 @@ from agent.lifecycle import Lifecycle
 from agent.sim.kernel import SimKernel
 from agent.sim.node import SimNode, SimPf
 from tests.conftest import node_settings
+from tests.netns.conftest import Netns
 
 pytestmark = pytest.mark.netns
 
 
-@dataclass
-class Netns:
-    name: str
-    tag: str
-
-    def ip(self, *args: str) -> str:
-        return subprocess.run(["ip", "-n", self.name, *args], check=True, capture_output=True,
-                              text=True).stdout
-
-    def veth(self, name: str, peer: str, up: bool = True) -> None:
-        self.ip("link", "add", name, "type", "veth", "peer", "name", peer)
-        if up:
-            self.ip("link", "set", name, "up")
-
-
-@pytest.fixture
-def lc_netns() -> Iterator[Netns]:
-    """A throw-away network namespace (deleted with its veths at the end)."""
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("needs root and iproute2 for network namespaces")
-    tag = uuid.uuid4().hex[:6]
-    ns = Netns(f"sriovlc-{tag}", tag)
-    subprocess.run(["ip", "netns", "add", ns.name], check=True)
-    try:
-        yield ns
-    finally:
-        subprocess.run(["ip", "netns", "del", ns.name], check=False)
-
-
-def test_mtu_admin_up_and_vf_dump_on_a_real_link(lc_netns: Netns) -> None:
-    pf, peer = f"pf{lc_netns.tag}", f"pp{lc_netns.tag}"
-    lc_netns.veth(pf, peer, up=False)
-    nl = PyrouteVfNetlink(netns=lc_netns.name)
+def test_mtu_admin_up_and_vf_dump_on_a_real_link(netns: Netns) -> None:
+    pf, peer = f"pf{netns.tag}", f"pp{netns.tag}"
+    netns.veth(pf, peer, up=False)
+    nl = PyrouteVfNetlink(netns=netns.name)
     link = nl.read_pf(pf)
     assert (link.ifname, link.admin_up, link.mtu, link.vfs) == (pf, False, 1500, ())
     nl.set_mtu(pf, 9000)
     nl.set_up(pf)
-    shown = lc_netns.ip("-o", "link", "show", pf)
+    shown = netns.ip("-o", "link", "show", pf)
     assert "mtu 9000" in shown and ",UP" in shown
     assert nl.read_pf(pf).admin_up and nl.read_pf(pf).mtu == 9000
     with pytest.raises(NetlinkOpError) as info:
@@ -82,10 +48,10 @@ def test_mtu_admin_up_and_vf_dump_on_a_real_link(lc_netns: Netns) -> None:
     assert missing.value.code == errno.ENODEV
 
 
-def test_reconcile_brings_the_real_pf_up_with_its_mtu_and_writes_nothing_twice(lc_netns: Netns,
+def test_reconcile_brings_the_real_pf_up_with_its_mtu_and_writes_nothing_twice(netns: Netns,
                                                                                 sim_root: Path) -> None:
-    pf_if = f"pf{lc_netns.tag}"
-    lc_netns.veth(pf_if, f"pp{lc_netns.tag}", up=False)
+    pf_if = f"pf{netns.tag}"
+    netns.veth(pf_if, f"pp{netns.tag}", up=False)
     node = SimNode(sim_root / "n", [SimPf("0000:03:00.0", pf_if, totalvfs=4)]).build()
     config = f"resources:\n  - resourceName: a.com/vf\n    pfs:\n      - pfName: {pf_if}\n" \
              "        numVfs: 2\n        mtu: 9000\n"
@@ -93,14 +59,14 @@ def test_reconcile_brings_the_real_pf_up_with_its_mtu_and_writes_nothing_twice(l
     def reconcile() -> Lifecycle:
         agent = build_agent(node_settings(node.root), parse_config(config))
         agent.sysfs.writer = kernel
-        lc = Lifecycle(agent, PyrouteVfNetlink(netns=lc_netns.name), Timeouts(vf_wait=5))
+        lc = Lifecycle(agent, PyrouteVfNetlink(netns=netns.name), Timeouts(vf_wait=5))
         asyncio.run(lc.reconcile("test"))
         return lc
 
     kernel = SimKernel(node)
     lc = reconcile()
     assert lc.agent.reconcile_status["0000:03:00.0"].state == "ok"
-    shown = lc_netns.ip("-o", "link", "show", pf_if)
+    shown = netns.ip("-o", "link", "show", pf_if)
     assert "mtu 9000" in shown and ",UP" in shown
     assert node.pf("0000:03:00.0").numvfs == 2
     assert lc.agent.stats.get("reconcile_actions", pf="0000:03:00.0", action="set_link_up") == 1
