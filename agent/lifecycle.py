@@ -59,6 +59,7 @@ class _Run:
     applied: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     failed: dict[str, tuple[str, str]] = field(default_factory=dict)  # PF -> (reason, message)
     notes: dict[str, Refuse | Warn] = field(default_factory=dict)  # PF -> its refusal or first warning
+    seen: set[Refuse | Warn] = field(default_factory=set)  # reported already (each round plans them again)
 
 
 class Lifecycle:
@@ -102,12 +103,10 @@ class Lifecycle:
 
     async def run(self, agent: Agent) -> None:
         """Root task: finish the startup reconcile, then reconcile on config change and PF re-appearance."""
-        if self._first is not None:
-            await self._first
-        self._reasons.clear()
-        self._wake.clear()
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(self.watch_config(), name="config-watch")
+            tg.create_task(self.watch_config(), name="config-watch")  # a change during start-up counts
+            if self._first is not None:
+                await self._first
             while True:
                 await self._wake.wait()
                 self._wake.clear()
@@ -186,7 +185,7 @@ class Lifecycle:
                 observed = await self.observe(desired)
                 live = Desired(tuple(p for p in desired.pfs if p.pci_address not in run.failed))
                 actions = plan(live, observed)
-                self._note(actions, run.notes)
+                self._note(actions, run)
                 todo = [a for a in actions if not isinstance(a, Refuse | Warn)]
                 if not todo:
                     break
@@ -218,14 +217,16 @@ class Lifecycle:
                 continue
             if mutates(action):
                 applied[action.pf] += 1
-            self.agent.stats.inc("reconcile_actions", pf=action.pf, action=action.kind)
+                self.agent.stats.inc("reconcile_actions", pf=action.pf, action=action.kind)
             log.info("%s", action.describe(), extra=ctx(action.kind, action.pf, pf=action.pf))
 
-    def _note(self, actions: Iterable[Action], notes: dict[str, Refuse | Warn]) -> None:
+    def _note(self, actions: Iterable[Action], run: _Run) -> None:
         """Log each refusal and warning once per reconcile; refusals also count as errors."""
+        notes = run.notes
         for a in actions:
-            if not isinstance(a, Refuse | Warn) or (a.pf in notes and notes[a.pf] == a):
+            if not isinstance(a, Refuse | Warn) or a in run.seen:
                 continue
+            run.seen.add(a)
             if isinstance(a, Refuse):
                 self.agent.stats.inc("reconcile_errors", pf=a.pf, reason=a.reason)
                 log.error("refused: %s", a.message, extra=ctx("reconcile", a.pf, pf=a.pf, reason=a.reason))
@@ -325,7 +326,8 @@ async def dry_run(agent: Agent, netlink: VfNetlinkPort) -> tuple[Action, ...]:
     res = agent.resolve()
     for problem in res.problems:
         log.error("%s", problem, extra=ctx("dry-run"))
-    return plan(lc.desired(agent.config, res), await lc.observe(lc.desired(agent.config, res)))
+    desired = lc.desired(agent.config, res)
+    return plan(desired, await lc.observe(desired))
 
 
 async def print_dry_run(agent: Agent, netlink: VfNetlinkPort | None = None) -> int:
