@@ -6,7 +6,7 @@ FakeKubelet over real gRPC on a unix socket. A separate process runs a bare pyro
 (IPRoute(netns).bind(RTMGRP_LINK); get()) on the same namespace.
 
 Each flip: t0 = CLOCK_MONOTONIC right before the RTM_NEWLINK request that `ip link set <pf> down`
-sends (issued from a worker thread with pyroute2); we record when the bare listener decodes the
+sends (issued with pyroute2 from a third process); we record when the bare listener decodes the
 down message and when the FakeKubelet's ListAndWatch stream delivers every VF as Unhealthy. Then
 the link is set up again and we wait for Healthy before the next flip. CLOCK_MONOTONIC is
 system-wide, so timestamps from both processes compare directly.
@@ -26,12 +26,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-from pyroute2 import IPRoute
 
 from agent.app import build_agent
 from agent.config import parse_config
@@ -59,6 +55,19 @@ while True:
         if up and not now_up:
             print(f"down {t:.9f}", flush=True)
         up = now_up
+"""
+
+
+FLIPPER = r"""
+import sys, time
+from pyroute2 import IPRoute
+ipr = IPRoute(netns=sys.argv[1])
+index = ipr.link_lookup(ifname=sys.argv[2])[0]
+print("ready", flush=True)
+for line in sys.stdin:
+    t0 = time.monotonic()
+    ipr.link("set", index=index, state=line.strip())
+    print(f"{t0:.9f}", flush=True)
 """
 
 
@@ -96,20 +105,22 @@ async def run(flips: int, vfs: int, settle_s: float) -> dict[str, list[float]]:
         agent.health_watch.settle_s = settle_s
         agent.extra_tasks.append(agent.health_watch.link_task(netns=ns))
         runner = asyncio.create_task(agent.run())
-        # A sync IPRoute needs a thread without a running loop: one worker thread owns it.
-        flipper = ThreadPoolExecutor(max_workers=1)
-        loop = asyncio.get_running_loop()
-        ipr: IPRoute = await loop.run_in_executor(flipper, lambda: IPRoute(netns=ns))
-        index = await loop.run_in_executor(flipper, lambda: ipr.link_lookup(ifname=pf_name)[0])
+        # The flips come from a third process, so neither listener shares a CPU or GIL with them.
+        flipper = await asyncio.create_subprocess_exec(sys.executable, "-c", FLIPPER, ns, pf_name,
+                                                       stdin=asyncio.subprocess.PIPE,
+                                                       stdout=asyncio.subprocess.PIPE)
+        assert flipper.stdin is not None and flipper.stdout is not None
+        assert (await flipper.stdout.readline()).strip() == b"ready"
 
         def states() -> set[str]:
             ep = kubelet.endpoints.get(RESOURCE)
             return {d.health for d in ep.devices.values()} if ep and len(ep.devices) == vfs else set()
 
-        def set_link(state: str) -> float:
-            t0 = time.monotonic()
-            ipr.link("set", index=index, state=state)
-            return t0
+        async def set_link(state: str) -> float:
+            assert flipper.stdin is not None and flipper.stdout is not None
+            flipper.stdin.write(f"{state}\n".encode())
+            await flipper.stdin.drain()
+            return float(await flipper.stdout.readline())
 
         t0s: list[float] = []
         seen: list[float] = []
@@ -119,15 +130,15 @@ async def run(flips: int, vfs: int, settle_s: float) -> dict[str, list[float]]:
             ep = kubelet.endpoints[RESOURCE]
             for _ in range(flips):
                 mark = len(ep.updates)
-                t0s.append(await loop.run_in_executor(flipper, set_link, "down"))
+                t0s.append(await set_link("down"))
                 await kubelet.wait_for(lambda: states() == {"Unhealthy"}, timeout=10)
                 seen.append(next(t for t, devs in ep.updates[mark:]
                                  if {d.health for d in devs.values()} == {"Unhealthy"}))
-                await loop.run_in_executor(flipper, set_link, "up")
+                await set_link("up")
                 await kubelet.wait_for(lambda: states() == {"Healthy"}, timeout=10)
         finally:
-            await loop.run_in_executor(flipper, ipr.close)
-            flipper.shutdown()
+            flipper.stdin.close()
+            await flipper.wait()
             await agent.shutdown()
             with contextlib.suppress(asyncio.CancelledError):
                 await runner
