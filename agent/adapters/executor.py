@@ -112,6 +112,9 @@ class Executor:
             self._stuck[pf] = (thread, what)
             fut.add_done_callback(functools.partial(_late, pf, what))
             raise OperationTimeoutError(what, pf, timeout, "the kernel call is still blocked") from None
+        except asyncio.CancelledError:  # shutting down: the thread's outcome is of no interest
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+            raise
 
     def hung(self, pf: str) -> str | None:
         """What is still hung on this PF, if anything."""
