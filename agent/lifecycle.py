@@ -317,7 +317,7 @@ class Lifecycle:
                 status[key] = PfReconcileStatus(pf=key, resource=r.resource_name, state="not_found",
                                                 desired_vfs=pf.num_vfs, reason="pf_not_found",
                                                 message="no such PF on this node", updated_at=now)
-        self.agent.reconcile_status = status
+        self.agent.publish_reconcile_status(status)
 
 
 async def dry_run(agent: Agent, netlink: VfNetlinkPort) -> tuple[Action, ...]:
