@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Collection, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -54,10 +54,13 @@ class HealthWatch:
     def overlay(self, pf: PfInfo) -> PfInfo:
         return with_links(pf, self.links)
 
-    def settle(self, view: ResourceView, stats: Stats) -> ResourceView:
-        """Debounce one resource's observed view; count flips; arm the timer for pending recoveries."""
+    def settle(self, view: ResourceView, stats: Stats, held: Collection[str] = ()) -> ResourceView:
+        """Debounce one resource's observed view; count flips; arm the timer for pending recoveries.
+
+        ``held``: devices allocated to pods, kept listed (Unhealthy) if they vanish.
+        """
         state = self.debounce.get(view.resource_name, Debounce(self.settle_s))
-        state, settled, flipped = fold(state, view, self.clock())
+        state, settled, flipped = fold(state, view, self.clock(), held)
         self.debounce[view.resource_name] = state
         by_id = settled.by_id()
         for dev_id in flipped:
@@ -77,8 +80,11 @@ class HealthWatch:
             return
         if all(link_state_only(before.get(i), after.get(i)) for i in changed):
             await agent.refresh_links(reason)  # carrier/admin flip: no sysfs walk on the hot path
-            if any(_came_up(before.get(i), after.get(i)) for i in changed):
-                self._follow_up()  # the RoCE port turns ACTIVE a moment after carrier: read it again
+            if any(_came_up(before.get(i), after.get(i)) or _came_up(after.get(i), before.get(i))
+                   for i in changed):
+                # The RoCE port follows its netdev a moment later, both ways (a VF netdev going down
+                # takes the VF's port DOWN; only sysfs shows it): read it again.
+                self._follow_up()
         else:
             await agent.rescan(reason)
             self._follow_up()
