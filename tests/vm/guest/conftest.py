@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,10 +23,23 @@ from guestlib import (
     write_sysfs,
 )
 
+# A guest test that hangs would hold the whole VM until the host kills it: after this long, dump every
+# thread's stack into the guest log and end the guest's pytest (the host then reports what did not run).
+TEST_WATCHDOG_S = 180
+
 
 def pytest_configure(config: pytest.Config) -> None:
     if not os.environ.get("VM_RESULTS"):
         raise pytest.UsageError("tests/vm/guest runs inside the test VM only (see tests/vm/test_vm.py)")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
+    faulthandler.dump_traceback_later(TEST_WATCHDOG_S, exit=True)
+    try:
+        return (yield)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture
