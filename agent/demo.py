@@ -61,6 +61,8 @@ async def _demo(root: Path, once: bool, metrics_address: str, health_address: st
     try:
         await kubelet.wait_for(lambda: bool(kubelet.devices(RESOURCE)), timeout=10)
         print_node(node, root)
+        writes = ", ".join(f"{v} > /sys/{p}" for p, v in kernel.writes)
+        print(f"  (booted with 0 VFs; the agent's start-up reconcile wrote: {writes})")
         print_kubelet_view(kubelet, agent)
         await print_allocation(kubelet, agent)
         if not once:
