@@ -196,7 +196,7 @@ class Agent:
         for resource in self.config.resources:
             pfs = [node.pfs[m.pci_address] for m in res.for_resource(resource.resource_name)
                    if m.pci_address in node.pfs]
-            view = self.health_watch.settle(build_view(resource, pfs, in_pod), self.stats)
+            view = self.health_watch.settle(build_view(resource, pfs, in_pod), self.stats, in_pod)
             old = self.hub.views.get(resource.resource_name)
             if await self.hub.publish(view):
                 self._log_transitions(old, view, reason)

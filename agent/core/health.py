@@ -72,6 +72,9 @@ def link_state_only(before: LinkObservation | None, after: LinkObservation | Non
             and before.parent_bus == after.parent_bus)
 
 
+GONE = "VF PCI device is gone"
+
+
 def pci_gone(vf: VfInfo) -> bool:
     """The PF still links virtfnN to this address but the PCI function is no longer there."""
     return not vf.vendor and not vf.device and vf.driver is None
@@ -84,7 +87,7 @@ def vf_health(pf: PfInfo, vf: VfInfo, rdma_required: bool, in_pod: bool = False)
     a pod is not unhealthy: ``in_pod`` says the VF is allocated, so its absence is expected.
     """
     if pci_gone(vf):
-        return Health.UNHEALTHY, "VF PCI device is gone"
+        return Health.UNHEALTHY, GONE
     if vf.driver is None:
         return Health.UNHEALTHY, "VF has no driver bound"
     if pf.driver is None:
@@ -114,6 +117,7 @@ class Track:
     reason: str  # the reason reported with an Unhealthy state
     observed: Health
     observed_since: float
+    device: DeviceStatus  # as last observed (NUMA node, PF), to keep reporting a vanished device
 
 
 @dataclass(frozen=True)
@@ -130,30 +134,37 @@ class Debounce:
         return min(pending) if pending else None
 
 
-def fold(state: Debounce, observed: ResourceView,
-         now: float) -> tuple[Debounce, ResourceView, tuple[str, ...]]:
+def fold(state: Debounce, observed: ResourceView, now: float,
+         held: Collection[str] = ()) -> tuple[Debounce, ResourceView, tuple[str, ...]]:
     """Apply one observation; return the new state, the view to report and the IDs whose health flipped.
 
     Unhealthy is reported at once: a dead link must stop new allocations now. Healthy is reported
     only once the device has been observed healthy for ``settle_s`` without interruption, so a
     flapping cable does not make the kubelet's allocatable count oscillate. A device seen for the
     first time is reported as observed: there is no history to damp.
+
+    A device that vanished (hot-unplug) while a pod holds it (``held``) stays listed as Unhealthy,
+    so the kubelet shows the pod its device failed instead of silently forgetting it; one that
+    nobody holds is dropped.
     """
+    seen = {d.id for d in observed.devices}
+    ghosts = [replace(t.device, health=Health.UNHEALTHY, reason=GONE)
+              for dev_id, t in state.tracks.items() if dev_id not in seen and dev_id in held]
     tracks: dict[str, Track] = {}
     out: list[DeviceStatus] = []
     flipped: list[str] = []
-    for dev in observed.devices:
+    for dev in sorted((*observed.devices, *ghosts), key=lambda d: d.id):
         old = state.tracks.get(dev.id)
         if old is None:
-            track = Track(dev.health, dev.reason, dev.health, now)
+            track = Track(dev.health, dev.reason, dev.health, now, dev)
         else:
             since = old.observed_since if old.observed is dev.health else now
             if dev.health is Health.UNHEALTHY:
-                track = Track(Health.UNHEALTHY, dev.reason, dev.health, since)
+                track = Track(Health.UNHEALTHY, dev.reason, dev.health, since, dev)
             elif old.reported is Health.UNHEALTHY and now < since + state.settle_s:
-                track = Track(Health.UNHEALTHY, old.reason, dev.health, since)
+                track = Track(Health.UNHEALTHY, old.reason, dev.health, since, dev)
             else:
-                track = Track(Health.HEALTHY, "", dev.health, since)
+                track = Track(Health.HEALTHY, "", dev.health, since, dev)
             if track.reported is not old.reported:
                 flipped.append(dev.id)
         tracks[dev.id] = track

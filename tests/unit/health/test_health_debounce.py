@@ -81,3 +81,24 @@ def test_zero_settle_reports_recovery_at_once() -> None:
     state, _, _ = fold(Debounce(settle_s=0.0), view(a="Unhealthy"), now=0.0)
     state, out, flipped = fold(state, view(a="Healthy"), now=0.0)
     assert reported(out) == {A: "Healthy"} and flipped == (A,)
+
+
+def test_a_vanished_device_held_by_a_pod_stays_listed_unhealthy() -> None:
+    state, _, _ = fold(Debounce(settle_s=1.0), view(a="Healthy", b="Healthy"), now=0.0)
+    state, out, flipped = fold(state, view(b="Healthy"), now=1.0, held={A})
+    assert reported(out) == {A: "Unhealthy", B: "Healthy"} and flipped == (A,)
+    ghost = out.by_id()[A]
+    assert ghost.reason == "VF PCI device is gone" and ghost.pf_pci_address == "0002:01:00.0"
+    state, out, flipped = fold(state, view(b="Healthy"), now=2.0, held={A})
+    assert reported(out) == {A: "Unhealthy", B: "Healthy"} and flipped == ()
+    state, out, _ = fold(state, view(b="Healthy"), now=3.0, held=set())  # the pod released it
+    assert reported(out) == {B: "Healthy"}
+
+
+def test_a_vanished_device_that_returns_recovers_after_the_hold() -> None:
+    state, _, _ = fold(Debounce(settle_s=1.0), view(a="Healthy"), now=0.0)
+    state, _, _ = fold(state, view(), now=1.0, held={A})
+    state, out, _ = fold(state, view(a="Healthy"), now=1.5, held={A})
+    assert reported(out) == {A: "Unhealthy"}
+    state, out, flipped = fold(state, view(a="Healthy"), now=2.5, held={A})
+    assert reported(out) == {A: "Healthy"} and flipped == (A,)

@@ -192,3 +192,49 @@ def test_driver_unbind_event_reaches_the_kubelet_and_rebind_recovers(node: SimNo
             await kubelet.stop()
 
     asyncio.run(body())
+
+
+def test_hot_unplugged_vf_held_by_a_pod_stays_listed_unhealthy(node: SimNode) -> None:
+    root = node.root
+    settings = Settings(config="", sysfs_root=str(root), dev_root=str(root),
+                        device_plugin_dir=str(root / "dp"), devinfo_dir=str(root / "devinfo"),
+                        metrics_address="", health_address="")
+    pfs = "pfs: [{pfName: enP2p1s0f0np0, numVfs: 4}]"
+    config = parse_config(f"resources: [{{resourceName: {RESOURCE}, {pfs}}}]")
+    held, free = "0002:01:00.2", "0002:01:00.3"
+
+    def unplug(vf: str) -> None:
+        """The PCI core removing a VF: its directory, bus link and the PF's virtfnN link go away."""
+        index = node.vf_index(vf)
+        node.unprobe(vf)
+        shutil.rmtree(node.device_dir(vf))
+        (node.sys / "bus/pci/devices" / vf).unlink()
+        (node.device_dir("0002:01:00.0") / f"virtfn{index}").unlink()
+
+    async def body() -> None:
+        kubelet = FakeKubelet(settings.device_plugin_dir)
+        await kubelet.start()
+        agent = build_agent(settings, config)
+        runner = asyncio.create_task(agent.run())
+
+        def devices() -> dict[str, str]:
+            ep = kubelet.endpoints.get(RESOURCE)
+            return {i: d.health for i, d in ep.devices.items()} if ep else {}
+
+        try:
+            await kubelet.wait_for(lambda: len(devices()) == 4, timeout=10)
+            await kubelet.allocate(RESOURCE, [held])
+            unplug(held)
+            unplug(free)
+            remove = [DeviceEvent("remove", "pci", f"/devices/pci0002:00/0002:00:00.0/{vf}", vf)
+                      for vf in (held, free)]
+            await agent.health_watch.on_uevents(agent, remove, overflowed=False)
+            await kubelet.wait_for(lambda: free not in devices(), timeout=5)
+            assert devices()[held] == "Unhealthy"
+            assert agent.hub.current(RESOURCE)[1].by_id()[held].reason == "VF PCI device is gone"
+        finally:
+            await agent.shutdown()
+            await asyncio.gather(runner, return_exceptions=True)
+            await kubelet.stop()
+
+    asyncio.run(body())
