@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -177,3 +179,23 @@ async def _until(predicate: object, timeout: float = 10.0) -> None:
     while not predicate():
         assert loop.time() < deadline, "condition not reached"
         await asyncio.sleep(0.02)
+
+
+def test_serve_dry_run_prints_the_plan_and_changes_nothing(sim_root: Path) -> None:
+    node = dgx_spark(sim_root / "node", numvfs=2)
+    settings = node_settings(node.root)
+    Path(settings.config).write_text(config(4))
+    numvfs = node.device_dir(PF) / "sriov_numvfs"
+    out = subprocess.run(
+        [sys.executable, "-m", "agent", "serve", "--dry-run", "--config", settings.config,
+         "--sysfs-root", settings.sysfs_root, "--dev-root", settings.dev_root,
+         "--device-plugin-dir", settings.device_plugin_dir,
+         "--pod-resources-socket", settings.pod_resources_socket, "--log-level", "error"],
+        capture_output=True, text=True, timeout=60, check=True).stdout
+    assert out.splitlines()[:4] == [
+        "Plan (dry run, nothing written):",
+        f"  1. {PF}: write 0 to sriov_numvfs",
+        f"  2. {PF}: write 4 to sriov_numvfs",
+        f"  3. {PF}: wait for 4 VFs bound and their netdev/RDMA devices present",
+    ]
+    assert numvfs.read_text() == "2\n" and not os.path.exists(settings.device_plugin_dir)
