@@ -34,7 +34,7 @@ from agent.stats import Stats
 if TYPE_CHECKING:
     from agent.app import Agent
 
-# Re-read RDMA port state this long after a link or device event (seconds).
+# Re-read RDMA port state this long after the latest link or device event (seconds).
 FOLLOW_UP_S = (0.5, 2.0)
 
 Task = Callable[["Agent"], Coroutine[Any, Any, None]]
@@ -132,8 +132,9 @@ class HealthWatch:
                 await agent.refresh_links("recovery settled")
 
     def _follow_up(self) -> None:
+        """Re-read sysfs FOLLOW_UP_S after the latest event; a storm of events postpones them."""
         now = self.clock()
-        self.rereads.update(now + delay for delay in FOLLOW_UP_S)
+        self.rereads = {now + delay for delay in FOLLOW_UP_S}
         self._wake.set()
 
     def _at(self, deadline: float) -> None:
