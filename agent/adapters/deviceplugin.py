@@ -152,11 +152,9 @@ class DevicePluginServer:
         server = grpc.aio.server()
         api_pb2_grpc.add_DevicePluginServicer_to_server(self.servicer, server)
         server.add_insecure_port(f"unix:{self.socket_path}")
-        old_umask = os.umask(0o177)
-        try:
-            await server.start()
-        finally:
-            os.umask(old_umask)
+        await server.start()
+        # Not via umask: it is process-wide and would also narrow files other threads create now.
+        # Until the chmod the socket has the default 0755, which lets only root connect anyway.
         os.chmod(self.socket_path, 0o600)
         self.inode = os.stat(self.socket_path).st_ino
         self._server = server

@@ -81,7 +81,7 @@ class SysfsHost:
         if not d.exists():
             raise SysfsError(str(d), errno.ENOENT)
         total_raw = _read_opt(d / "sriov_totalvfs")
-        total = int(total_raw) if total_raw else None
+        total = _int_or(total_raw, 0) if total_raw is not None else None
         numvfs_raw = _read_opt(d / "sriov_numvfs")
         autoprobe = _read_opt(d / "sriov_drivers_autoprobe")
         netdev = self._first_netdev(d)
@@ -96,7 +96,7 @@ class SysfsHost:
             netdev=netdev,
             numa_node=_int_or(_read_opt(d / "numa_node"), -1),
             sriov_totalvfs=total,
-            sriov_numvfs=int(numvfs_raw) if numvfs_raw else 0,
+            sriov_numvfs=_int_or(numvfs_raw, 0),
             vfs=vfs,
             rdma=self._first_rdma(d),
             sriov_drivers_autoprobe=None if autoprobe is None else autoprobe == "1",
