@@ -177,6 +177,7 @@ class LinkWatcher:
 
     async def run(self, on_change: OnChange) -> None:
         """Watch until cancelled. Resyncs: at start, on ENOBUFS, and every ``resync_s`` seconds."""
+        log.info("watching links", extra=ctx("netlink", self.netns))
         reason = "start"
         delay = 1.0
         while True:
