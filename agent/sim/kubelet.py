@@ -141,7 +141,8 @@ class FakeKubelet(api_pb2_grpc.RegistrationServicer):
         channel = grpc.aio.insecure_channel(f"unix:{sock}", options=[("grpc.default_authority", "localhost")])
         stub: api_pb2_grpc.DevicePluginAsyncStub = api_pb2_grpc.DevicePluginStub(channel)
         try:
-            await asyncio.wait_for(channel.channel_ready(), self.dial_timeout)
+            async with asyncio.timeout(self.dial_timeout):
+                await channel.channel_ready()
         except TimeoutError:
             await channel.close()
             await self._reject(context, f"failed to dial device plugin: {sock}: context deadline exceeded")
@@ -207,10 +208,9 @@ class FakeKubelet(api_pb2_grpc.RegistrationServicer):
         return dict(ep.devices) if ep else {}
 
     async def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-        async def _wait() -> None:
-            async with self._changed:
-                await self._changed.wait_for(predicate)
-        await asyncio.wait_for(_wait(), timeout)
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can hang when the waiter is cancelled.
+        async with asyncio.timeout(timeout), self._changed:
+            await self._changed.wait_for(predicate)
 
     async def allocate(self, resource: str, ids: list[str]) -> api_pb2.ContainerAllocateResponse:
         """One Allocate RPC with one container request, as the kubelet issues it per container."""
