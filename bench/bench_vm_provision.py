@@ -14,7 +14,7 @@ Bare rounds run before and after the agent's (half each), with no agent running;
 between rounds; each agent round starts with the agent idle (its previous reconcile finished). VFs
 come up unbound (``driversAutoprobe: false`` for the agent, ``sriov_drivers_autoprobe=0`` for bare) so
 neither waits on the nvme driver failing to probe a VF that has no queue resources. Under TCG the
-agent's Python runs ~20x slower than natively while QEMU's NVMe VF creation is cheap, so the ratio
+agent's Python runs ~20-30x slower than natively while QEMU's NVMe VF creation is cheap, so the ratio
 here overstates the agent's share compared with mlx5 hardware, where creating VFs takes seconds.
 
     .venv/bin/python bench/bench_vm_provision.py [--vfs 8] [--rounds 7]
