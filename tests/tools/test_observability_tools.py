@@ -289,7 +289,7 @@ def test_sigterm_turns_health_not_serving_before_exit(agent_proc: Running) -> No
         stub = health_pb2_grpc.HealthStub(channel)
         req = health_pb2.HealthCheckRequest(service="")
         assert stub.Check(req, timeout=5).status == health_pb2.HealthCheckResponse.SERVING
-        stream = stub.Watch(req)
+        stream = stub.Watch(req, timeout=30)  # bounded: a hung shutdown fails the test, not the run
         first = next(stream)
         assert first.status == health_pb2.HealthCheckResponse.SERVING
         os.kill(agent_proc.proc.pid, signal.SIGTERM)
