@@ -78,3 +78,13 @@ class OperationTimeoutError(AgentError):
         self.device = device
         self.seconds = seconds
         super().__init__(f"{op} on {device}: no result after {seconds:g}s{'; ' + detail if detail else ''}")
+
+
+class ListenError(AgentError):
+    """A TCP endpoint (--metrics-address, --health-address) could not be opened."""
+
+    def __init__(self, flag: str, address: str, reason: str) -> None:
+        self.flag = flag
+        self.address = address
+        self.reason = reason
+        super().__init__(f"{flag} {address}: cannot listen: {reason}")

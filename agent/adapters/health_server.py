@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from agent.errors import AgentError
+from agent.errors import AgentError, ListenError
 from agent.logs import ctx
 from agent.settings import split_address
 
@@ -72,7 +72,11 @@ class HealthServer:
                 "Get": grpc.unary_unary_rpc_method_handler(self._status),
             })])
         host = f"[{self.host}]" if ":" in self.host else self.host
-        self.port = server.add_insecure_port(f"{host}:{self.port}")
+        try:
+            self.port = server.add_insecure_port(f"{host}:{self.port}")
+        except RuntimeError as e:  # grpc reports a failed bind (EADDRINUSE, EADDRNOTAVAIL) this way
+            raise ListenError("--health-address", f"{self.host}:{self.port}",
+                              "bind failed (address in use, or not an address of this host)") from e
         await server.start()
         self._server = server
         log.info("grpc health on %s:%d", self.host, self.port, extra=ctx("serve-health"))

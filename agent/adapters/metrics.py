@@ -27,7 +27,7 @@ from prometheus_client.registry import Collector
 
 from agent import __version__
 from agent.adapters.sysfs import SysfsHost
-from agent.errors import AgentError
+from agent.errors import AgentError, ListenError
 from agent.logs import ctx
 from agent.settings import split_address
 from agent.stats import Stats
@@ -401,8 +401,11 @@ class MetricsServer:
 
     async def start(self) -> int:
         """Listen; returns the bound port (useful with port 0)."""
-        self._server = await asyncio.start_server(self._handle, self.host, self.port,
-                                                  limit=self.MAX_HEADER, reuse_address=True)
+        try:
+            self._server = await asyncio.start_server(self._handle, self.host, self.port,
+                                                      limit=self.MAX_HEADER, reuse_address=True)
+        except OSError as e:
+            raise ListenError("--metrics-address", f"{self.host}:{self.port}", e.strerror or str(e)) from e
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("metrics on http://%s:%d/metrics", self.host, self.port, extra=ctx("serve-metrics"))
         return self.port

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -65,3 +68,22 @@ def test_bad_address_is_a_config_error_naming_the_flag(address: str) -> None:
 def test_ipv6_and_wildcard_addresses() -> None:
     assert split_address("[::1]:9808", "--metrics-address") == ("::1", 9808)
     assert split_address(":9809", "--health-address") == ("0.0.0.0", 9809)
+
+
+def test_busy_ports_stop_serve_with_a_clear_error(tmp_path: Path) -> None:
+    node = make_node(tmp_path)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        flags = ("--metrics-address", "--health-address")
+        for flag, other in (flags, flags[::-1]):
+            s = node.agent.settings
+            res = subprocess.run(
+                [sys.executable, "-m", "agent", "serve", "--config", s.config, "--sysfs-root", s.sysfs_root,
+                 "--dev-root", s.dev_root, "--device-plugin-dir", s.device_plugin_dir,
+                 "--devinfo-dir", s.devinfo_dir, "--pod-resources-socket", s.pod_resources_socket,
+                 flag, f"127.0.0.1:{port}", other, "127.0.0.1:0"],
+                capture_output=True, text=True, timeout=60, check=False)
+            assert res.returncode == 2, res.stderr
+            assert f"{flag} 127.0.0.1:{port}: cannot listen" in res.stderr
