@@ -90,6 +90,8 @@ class HealthServer:
             return
         before = self.components[component][0]
         self.components[component] = (ok, reason)
+        if self.shutting_down:
+            return  # everything is NOT_SERVING for good; parts stopping now is the shutdown itself
         if before != ok:
             log.log(logging.INFO if ok else logging.WARNING, "health %s -> %s%s", component,
                     "SERVING" if ok else "NOT_SERVING", f" ({reason})" if reason else "",
