@@ -97,10 +97,9 @@ class PluginLifecycle:
                     await self._serve()
                 if not await self._register_until_done():
                     continue  # our socket vanished while we were trying: serve again first
-                while self.server.socket_intact() and not self._kubelet_restarted():
-                    self._wake.clear()
-                    await self._wake.wait()
-                self._set_registered(False)
+                await self._wait_for_kubelet_restart()
+                if self.registered:
+                    self._set_registered(False)
                 log.info("kubelet restarted (%s); registering again",
                          "our socket was deleted" if not self.server.socket_intact() else "new kubelet.sock",
                          extra=ctx("kubelet-restart", self.kubelet_socket, resource=self.resource_name))
@@ -111,6 +110,22 @@ class PluginLifecycle:
             if self.registered:
                 self._set_registered(False)
             await self.server.stop(grace=0.5)
+
+    async def _wait_for_kubelet_restart(self) -> None:
+        """Sleep until our socket is deleted or a new kubelet.sock appears.
+
+        A kubelet that stops removes kubelet.sock: we are no longer registered (the health endpoint
+        says so) but keep serving, and register again as soon as the socket comes back.
+        """
+        while True:
+            self._wake.clear()  # before the checks, so an event arriving during them is not lost
+            if not self.server.socket_intact() or self._kubelet_restarted():
+                return
+            if self.registered and _inode(self.kubelet_socket) is None:
+                self._set_registered(False)
+                log.warning("kubelet.sock is gone: the kubelet stopped; waiting for it to come back",
+                            extra=ctx("kubelet-stop", self.kubelet_socket, resource=self.resource_name))
+            await self._wake.wait()
 
     async def _serve(self) -> None:
         """(Re)start the gRPC server; a socket deleted by the kubelet is left alone, ours is replaced."""
@@ -134,7 +149,8 @@ class PluginLifecycle:
                     last_error = e.reason
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=delay)
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
                 delay = min(delay * 2, self.max_backoff)
                 continue
             self._kubelet_inode = kubelet_inode

@@ -133,6 +133,26 @@ def test_kubelet_restart_deleting_sockets_leads_to_reregistration(sim_settings: 
     asyncio.run(body())
 
 
+def test_kubelet_stopping_marks_us_unregistered_until_it_returns(sim_settings: Settings,
+                                                                 run_agent: RunAgent) -> None:
+    async def body() -> None:
+        async with run_agent(sim_settings, CX7_CONFIG) as (agent, kubelet):
+            lifecycle = agent.lifecycles[RESOURCE]
+            await kubelet.stop()  # kubelet.sock is removed; our socket stays
+            async with asyncio.timeout(5):
+                while lifecycle.registered:
+                    await asyncio.sleep(0.01)
+            assert os.path.exists(os.path.join(sim_settings.device_plugin_dir, SOCKET_NAME))
+            assert agent.stats.get("kubelet_registrations", resource=RESOURCE) == 1
+            await kubelet.start()
+            await kubelet.wait_for(lambda: kubelet.healthy(RESOURCE) == VFS, timeout=5)
+            async with asyncio.timeout(5):  # Register returns to us just after the stream opened
+                while not lifecycle.registered:
+                    await asyncio.sleep(0.01)
+            assert lifecycle.registrations == 2
+    asyncio.run(body())
+
+
 def test_agent_started_before_the_kubelet_registers_when_it_comes_up(sim_root: Path, sim_node: SimNode,
                                                                      run_agent: RunAgent) -> None:
     settings = node_settings(sim_node.root, device_plugin_dir=str(sim_root / "dp"))  # does not exist yet
