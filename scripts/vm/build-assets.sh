@@ -95,6 +95,8 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 for m in $(cat /modules); do insmod "/$m" || echo "vm-init: insmod $m failed"; done
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose hostroot /host || { echo "vm-init: cannot mount host root"; poweroff -f; }
+mkdir -p /ro
+mount -o bind /host /ro  # the host root as it is, before tmpfs mounts cover /tmp and /run
 mount -t proc proc /host/proc
 mount -t sysfs sys /host/sys
 mount -t devtmpfs dev /host/dev
@@ -105,6 +107,13 @@ mount -t tmpfs tmp /host/tmp
 mount -t tmpfs run /host/run
 mkdir -p /host/tmp/vm
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 results /host/tmp/vm || { echo "vm-init: cannot mount results"; poweroff -f; }
+# A checkout under /tmp or /run (a CI clone, say) is hidden by the tmpfs above: bind it back.
+if [ -f /host/tmp/vm/binds ]; then
+  while read -r p; do
+    [ -z "$p" ] && continue
+    mkdir -p "/host$p" && mount -o bind "/ro$p" "/host$p" || echo "vm-init: cannot bind $p"
+  done < /host/tmp/vm/binds
+fi
 echo "vm-init: running /tmp/vm/run.sh"
 chroot /host /bin/sh /tmp/vm/run.sh
 echo "$?" > /host/tmp/vm/exit-code

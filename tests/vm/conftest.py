@@ -7,12 +7,12 @@ import warnings
 
 import pytest
 from vmharness import (
-    GUEST_DIR,
     GuestSession,
     VmError,
     VmUnavailable,
     find_qemu,
     guest_modules,
+    guest_pytest,
     parse_junit,
     prepare_assets,
     run_vm,
@@ -20,7 +20,7 @@ from vmharness import (
 
 collect_ignore = ["guest"]  # guest modules import guest-only fixtures; they run inside the VM
 
-# Boot (~5 s) + one Python start over 9p under TCG (~15 s) + the tests; generous for a loaded CI machine.
+# The job takes ~110 s (boot, one Python start over 9p under TCG, the tests): generous for a loaded CI.
 VM_TIMEOUT = 900
 
 
@@ -35,8 +35,6 @@ def vm_session(tmp_path_factory: pytest.TempPathFactory) -> GuestSession:
     except VmError as e:
         pytest.fail(f"VM assets could not be prepared:\n{e}", pytrace=False)
     results = tmp_path_factory.mktemp("vm-results")
-    files = " ".join(str(m) for m in guest_modules())
-    body = (f'"$VM_PYTHON" -m pytest -p no:cacheprovider -q -rA -o junit_family=xunit1 '
-            f"--junitxml={GUEST_DIR}/junit.xml {files}")
+    body = guest_pytest([str(m) for m in guest_modules()])
     run = run_vm(assets, results, body, timeout=VM_TIMEOUT, qemu=qemu)
     return GuestSession(run, parse_junit(results / "junit.xml"))

@@ -8,7 +8,9 @@ from __future__ import annotations
 import pytest
 from vmharness import GuestSession, guest_tests
 
-pytestmark = pytest.mark.vm
+# The first test pays for the session fixture: building the VM assets on a cold cache, then one VM
+# run of every guest test (conftest VM_TIMEOUT); the global per-test limit is far too short for that.
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(1800)]
 
 
 def test_vm_job_completed(vm_session: GuestSession) -> None:

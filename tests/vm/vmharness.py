@@ -142,6 +142,16 @@ def job_script(assets: Assets, body: str) -> str:
             f"exit \"$(cat {GUEST_DIR}/job-exit-code 2>/dev/null || echo 255)\"\n")
 
 
+# Directories the guest covers with fresh tmpfs mounts (see the init in scripts/vm/build-assets.sh).
+GUEST_TMPFS = ("/tmp", "/run", "/dev/shm")
+
+
+def hidden_paths() -> list[str]:
+    """Host paths the guest needs that its tmpfs mounts would hide: the checkout and the interpreter."""
+    wanted = {str(REPO), str(Path(sys.executable).resolve().parent)}
+    return sorted(p for p in wanted if any(p == t or p.startswith(t + "/") for t in GUEST_TMPFS))
+
+
 def run_vm(assets: Assets, results: Path, body: str, *,
            timeout: float = 600, qemu: str | None = None) -> VmRun:
     """Boot the VM once, run ``body`` (shell) in the guest chroot, and return what came back."""
@@ -150,6 +160,7 @@ def run_vm(assets: Assets, results: Path, body: str, *,
     for stale in ("exit-code", "job-exit-code", "guest.log", "console.log"):
         (results / stale).unlink(missing_ok=True)
     (results / "run.sh").write_text(job_script(assets, body))
+    (results / "binds").write_text("".join(f"{p}\n" for p in hidden_paths()))
     cmd = qemu_command(qemu, assets, results)
     (results / "qemu-command").write_text(shlex.join(cmd) + "\n")
     t0 = time.monotonic()
@@ -225,14 +236,17 @@ class GuestSession:
         return [c for name, c in self.cases.items() if name == test or name.startswith(test + "[")]
 
 
+def guest_pytest(paths: list[str]) -> str:
+    """The job that runs the guest tests, with a JUnit report in the results share (parse_junit)."""
+    return (f'"$VM_PYTHON" -m pytest -p no:cacheprovider -q -rA -o junit_family=xunit1 '
+            f"--junitxml={GUEST_DIR}/junit.xml {shlex.join(paths)}")
+
+
 def main(argv: list[str]) -> int:
     """Developer entry point: boot the VM and run pytest on the given guest test paths (default: all)."""
     assets = prepare_assets()
     results = CACHE / "last-run"
-    paths = argv or [str(m) for m in guest_modules()]
-    body = (f'"$VM_PYTHON" -m pytest -p no:cacheprovider -q -rA -o junit_family=xunit1 '
-            f"--junitxml={GUEST_DIR}/junit.xml {shlex.join(paths)}")
-    run = run_vm(assets, results, body)
+    run = run_vm(assets, results, guest_pytest(argv or [str(m) for m in guest_modules()]))
     print(run.describe(tail=400))
     print(f"results in {results}")
     return 0 if run.exit_code == 0 else 1
