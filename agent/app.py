@@ -193,6 +193,7 @@ class Agent:
 
     async def _publish_views(self, res: Resolution, node: NodeState, reason: str) -> None:
         in_pod = self.in_pod()
+        self.health_watch.settle_s = self.config.health.recovery_s
         for resource in self.config.resources:
             pfs = [node.pfs[m.pci_address] for m in res.for_resource(resource.resource_name)
                    if m.pci_address in node.pfs]

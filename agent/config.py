@@ -111,10 +111,24 @@ class LifecycleTimeouts:
     startup_wait_s: float | None = None  # how long the start-up reconcile may delay serving
 
 
+# A recovered device is reported Healthy only after this long (seconds) without a relapse.
+DEFAULT_RECOVERY_S = 2.0
+MAX_RECOVERY_S = 600
+
+
+@dataclass(frozen=True)
+class HealthSettings:
+    """Optional ``health:`` section. ``recoverySeconds`` damps flapping links: Unhealthy is always
+    reported at once, Healthy only once the device stayed healthy this long (0: at once)."""
+
+    recovery_s: float = DEFAULT_RECOVERY_S
+
+
 @dataclass(frozen=True)
 class Config:
     resources: tuple[ResourceConfig, ...]
     lifecycle: LifecycleTimeouts = LifecycleTimeouts()
+    health: HealthSettings = HealthSettings()
 
     def all_pfs(self) -> tuple[tuple[ResourceConfig, PfConfig], ...]:
         return tuple((r, p) for r in self.resources for p in r.pfs)
@@ -132,7 +146,7 @@ def parse_config(text: str) -> Config:
 
 
 def config_from_obj(raw: object) -> Config:
-    root = _mapping(raw, "<root>", allowed={"version", "resources", "lifecycle"})
+    root = _mapping(raw, "<root>", allowed={"version", "resources", "lifecycle", "health"})
     version = root.get("version", "v1")
     if version != "v1":
         raise ConfigError("version", version, "only 'v1' is supported")
@@ -154,7 +168,19 @@ def config_from_obj(raw: object) -> Config:
             if key in pf_owner:
                 raise ConfigError(path, key, f"the same PF is already claimed by {pf_owner[key]}")
             pf_owner[key] = path
-    return Config(resources=resources, lifecycle=_lifecycle(root.get("lifecycle")))
+    return Config(resources=resources, lifecycle=_lifecycle(root.get("lifecycle")),
+                  health=_health(root.get("health")))
+
+
+def _health(raw: object) -> HealthSettings:
+    if raw is None:
+        return HealthSettings()
+    m = _mapping(raw, "health", allowed={"recoverySeconds"})
+    val = m.get("recoverySeconds", DEFAULT_RECOVERY_S)
+    if isinstance(val, bool) or not isinstance(val, int | float) or not 0 <= val <= MAX_RECOVERY_S:
+        raise ConfigError("health.recoverySeconds", val,
+                          f"must be a number of seconds from 0 to {MAX_RECOVERY_S}")
+    return HealthSettings(recovery_s=float(val))
 
 
 def _lifecycle(raw: object) -> LifecycleTimeouts:

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Collection, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from agent.adapters.netlink import DEFAULT_RESYNC_S, Links, LinkWatcher
@@ -59,7 +59,9 @@ class HealthWatch:
 
         ``held``: devices allocated to pods, kept listed (Unhealthy) if they vanish.
         """
+        # settle_s follows the config (hot-reloaded); pending recoveries use the current value.
         state = self.debounce.get(view.resource_name, Debounce(self.settle_s))
+        state = replace(state, settle_s=self.settle_s)
         state, settled, flipped = fold(state, view, self.clock(), held)
         self.debounce[view.resource_name] = state
         by_id = settled.by_id()

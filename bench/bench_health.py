@@ -27,10 +27,11 @@ import subprocess
 import sys
 import tempfile
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 from agent.app import build_agent
-from agent.config import parse_config
+from agent.config import HealthSettings, parse_config
 from agent.settings import Settings
 from agent.sim.kubelet import FakeKubelet
 from agent.sim.node import SimNode, SimPf
@@ -102,7 +103,7 @@ async def run(flips: int, vfs: int, settle_s: float) -> dict[str, list[float]]:
         kubelet = FakeKubelet(settings.device_plugin_dir)
         await kubelet.start()
         agent = build_agent(settings, config)
-        agent.health_watch.settle_s = settle_s
+        agent.config = replace(agent.config, health=HealthSettings(recovery_s=settle_s))
         agent.extra_tasks.append(agent.health_watch.link_task(netns=ns))
         runner = asyncio.create_task(agent.run())
         # The flips come from a third process, so neither listener shares a CPU or GIL with them.

@@ -115,6 +115,29 @@ def test_pf_link_down_makes_vfs_unhealthy_after_rescan_and_back(sim_node: SimNod
     asyncio.run(body())
 
 
+@pytest.mark.parametrize("recovery", [0, 30])
+def test_recovery_hold_comes_from_the_config(sim_node: SimNode, sim_settings: Settings, run_agent: RunAgent,
+                                             recovery: int) -> None:
+    config = CX7_CONFIG + f"health: {{recoverySeconds: {recovery}}}\n"
+
+    async def body() -> None:
+        async with run_agent(sim_settings, config) as (agent, kubelet):
+            sim_node.set_pf_link("enP2p1s0f0np0", up=False)
+            await agent.rescan("test: cable pulled")
+            await kubelet.wait_for(lambda: kubelet.healthy(RESOURCE) == [])
+            sim_node.set_pf_link("enP2p1s0f0np0", up=True)
+            await agent.rescan("test: cable back")
+            # Each case contradicts the 2 s default: 0 recovers well inside it, 30 still holds after it.
+            if recovery == 0:
+                await kubelet.wait_for(lambda: kubelet.healthy(RESOURCE) == VFS, timeout=1.0)
+            else:
+                await asyncio.sleep(2.5)
+                assert kubelet.healthy(RESOURCE) == []
+                assert {d.reason for d in agent.hub.views[RESOURCE].devices} == {
+                    "PF enP2p1s0f0np0 has no carrier"}
+    asyncio.run(body())
+
+
 def test_kubelet_restart_deleting_sockets_leads_to_reregistration(sim_settings: Settings,
                                                                   run_agent: RunAgent) -> None:
     async def body() -> None:

@@ -15,13 +15,13 @@ import subprocess
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
 
 from agent.app import Agent, build_agent
-from agent.config import parse_config
+from agent.config import HealthSettings, parse_config
 from agent.settings import Settings
 from agent.sim.kubelet import FakeKubelet
 from agent.sim.node import SimNode, SimPf
@@ -133,7 +133,7 @@ async def agent_watching(node: VethNode, settle_s: float = 0.2) -> AsyncIterator
     kubelet = FakeKubelet(settings.device_plugin_dir)
     await kubelet.start()
     agent = build_agent(settings, parse_config(config_for(node)))
-    agent.health_watch.settle_s = settle_s
+    agent.config = replace(agent.config, health=HealthSettings(recovery_s=settle_s))
     agent.extra_tasks.append(agent.health_watch.link_task(netns=node.ns.name))
     runner = asyncio.create_task(agent.run())
     try:

@@ -20,6 +20,7 @@ def _pf(fields: str) -> str:
 
 P = "resources[0].pfs[0]"
 R = "resources[0].resourceName"
+HR = "health.recoverySeconds"
 
 BAD = [
     # (case, yaml, field, value)
@@ -72,6 +73,10 @@ BAD = [
     ("same PF in two resources", "resources:\n"
      "  - {resourceName: a.com/b, pfs: [{pfName: x, numVfs: 1}]}\n"
      "  - {resourceName: a.com/c, pfs: [{pfName: x, numVfs: 1}]}\n", "resources[1].pfs[0]", "pfName=x"),
+    ("health.recoverySeconds negative", _cfg() + "health: {recoverySeconds: -1}\n", HR, -1),
+    ("health.recoverySeconds too long", _cfg() + "health: {recoverySeconds: 601}\n", HR, 601),
+    ("health.recoverySeconds a string", _cfg() + "health: {recoverySeconds: '2s'}\n", HR, "2s"),
+    ("health unknown field", _cfg() + "health: {settle: 1}\n", "health.settle", 1),
 ]
 
 
@@ -113,3 +118,8 @@ def test_numvfs_bounds_are_inclusive() -> None:
 def test_env_name_replaces_every_non_alphanumeric() -> None:
     cfg = parse_config(_cfg(name="example-corp.io/cx7.qsfp-a"))
     assert cfg.resources[0].env_name == "PCIDEVICE_EXAMPLE_CORP_IO_CX7_QSFP_A"
+
+
+def test_health_recovery_defaults_to_two_seconds_and_accepts_zero() -> None:
+    assert parse_config(_cfg()).health.recovery_s == 2.0
+    assert parse_config(_cfg() + "health: {recoverySeconds: 0}\n").health.recovery_s == 0.0

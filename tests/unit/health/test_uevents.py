@@ -10,6 +10,7 @@ import shutil
 import struct
 import tempfile
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from agent.adapters.udev import (
     parse_datagram,
 )
 from agent.app import build_agent
-from agent.config import parse_config
+from agent.config import HealthSettings, parse_config
 from agent.settings import Settings
 from agent.sim.kubelet import FakeKubelet
 from agent.sim.node import SimNode, dgx_spark
@@ -170,7 +171,7 @@ def test_driver_unbind_event_reaches_the_kubelet_and_rebind_recovers(node: SimNo
         kubelet = FakeKubelet(settings.device_plugin_dir)
         await kubelet.start()
         agent = build_agent(settings, config)
-        agent.health_watch.settle_s = 0.0
+        agent.config = replace(agent.config, health=HealthSettings(recovery_s=0.0))
         runner = asyncio.create_task(agent.run())
 
         def health() -> str:
