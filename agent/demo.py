@@ -7,7 +7,9 @@ import contextlib
 import os
 import signal
 import tempfile
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from agent.app import Agent, build_agent
 from agent.config import parse_config
@@ -26,8 +28,10 @@ resources:
 """
 
 
-def demo_settings(root: Path, metrics_address: str = "", health_address: str = "") -> Settings:
-    return Settings(
+def demo_settings(root: Path, metrics_address: str = "", health_address: str = "",
+                  **overrides: Any) -> Settings:
+    """Settings with every host path under ``root`` (sys/, dev/, var/...), as the kubelet lays them out."""
+    return replace(Settings(
         config=str(root / "config.yaml"),
         sysfs_root=str(root),
         dev_root=str(root),
@@ -36,7 +40,7 @@ def demo_settings(root: Path, metrics_address: str = "", health_address: str = "
         pod_resources_socket=str(root / "var/lib/kubelet/pod-resources/kubelet.sock"),
         metrics_address=metrics_address,
         health_address=health_address,
-    )
+    ), **overrides)
 
 
 def run_demo(once: bool = False, metrics_address: str = "", health_address: str = "") -> int:

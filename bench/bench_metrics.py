@@ -15,15 +15,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+from procstat import cpu_seconds, free_port, status_kib
 
 from agent.app import build_agent
 from agent.config import parse_config
@@ -50,22 +50,8 @@ def build_node(root: Path) -> SimNode:
         SimPf("0002:01:00.1", "enP2p1s0f1np1", totalvfs=127, numvfs=127, sriov_offset=128)]).build()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def kb_field(pid: int, name: str) -> float:
-    match = re.search(rf"{name}:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
-    assert match is not None
-    return int(match.group(1)) * 1024 / 1e6  # MB
+def mb(pid: int, name: str) -> float:
+    return status_kib(pid, name) * 1024 / 1e6
 
 
 def fetch(url: str) -> tuple[float, bytes]:
@@ -95,7 +81,7 @@ async def over_http(root: Path, scrapes: int) -> None:
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
     try:
         await kubelet.wait_for(lambda: len(kubelet.devices(RESOURCE)) == 254, timeout=60)
-        rss_ready = kb_field(proc.pid, "VmRSS")
+        rss_ready = mb(proc.pid, "VmRSS")
         url = f"http://127.0.0.1:{port}/metrics"
         await asyncio.to_thread(fetch, url)  # warm-up (imports, first-touch of sysfs pages)
         times, body = [], b""
@@ -105,7 +91,7 @@ async def over_http(root: Path, scrapes: int) -> None:
             times.append(ms)
         cpu_ms = (cpu_seconds(proc.pid) - cpu_before) * 1000 / scrapes
         samples = sum(1 for line in body.decode().splitlines() if line and not line.startswith("#"))
-        rss, hwm = kb_field(proc.pid, "VmRSS"), kb_field(proc.pid, "VmHWM")
+        rss, hwm = mb(proc.pid, "VmRSS"), mb(proc.pid, "VmHWM")
         med, p95, worst = summary(times)
         print(f"HTTP scrape of `serve`, 2 PFs x 127 VFs, {scrapes} scrapes: {samples} samples, "
               f"{len(body) / 1024:.0f} KiB per scrape")

@@ -15,13 +15,13 @@ import asyncio
 import os
 import re
 import shutil
-import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import yaml
+from procstat import cpu_seconds, free_port, status_kib
 
 from agent.sim.kubelet import FakeKubelet
 from agent.sim.node import SimNode, SimPf, dgx_spark
@@ -37,22 +37,8 @@ resources:
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def peak_rss_mib(pid: int) -> float:
-    match = re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
-    assert match is not None
-    return int(match.group(1)) / 1024
+    return status_kib(pid, "VmHWM") / 1024
 
 
 def mib(quantity: str) -> float:

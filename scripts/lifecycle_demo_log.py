@@ -24,6 +24,7 @@ from pathlib import Path
 
 from agent.app import Agent, build_agent
 from agent.config import parse_config
+from agent.demo import demo_settings
 from agent.logs import setup_logging
 from agent.settings import Settings
 from agent.sim.kernel import SimKernel, SimNetlink
@@ -93,12 +94,7 @@ async def main(root: Path) -> None:
     cm.mkdir()
     os.symlink("..data/config.yaml", cm / "config.yaml")
     publish(cm, config(4), 1)
-    settings = Settings(
-        config=str(cm / "config.yaml"), sysfs_root=str(node.root), dev_root=str(node.root),
-        device_plugin_dir=str(node.root / "var/lib/kubelet/device-plugins"),
-        devinfo_dir=str(node.root / "var/run/k8s.cni.cncf.io/devinfo/dp"),
-        pod_resources_socket=str(node.root / "var/lib/kubelet/pod-resources/kubelet.sock"),
-        metrics_address="", health_address="", node_name="spark-1")
+    settings = demo_settings(node.root, config=str(cm / "config.yaml"), node_name="spark-1")
     kubelet = FakeKubelet(settings.device_plugin_dir)
     pods = FakePodResources(settings.pod_resources_socket)
     await kubelet.start()

@@ -17,9 +17,9 @@ import asyncio
 import contextlib
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,34 +27,27 @@ import pytest
 
 from agent.app import Agent, build_agent
 from agent.config import Config, parse_config
+from agent.demo import DEMO_CONFIG, demo_settings
 from agent.settings import Settings
 from agent.sim.kubelet import FakeKubelet
 from agent.sim.node import SimNode, dgx_spark
 
 RESOURCE = "nvidia.com/cx7_qsfp"
 # The DGX Spark's cabled port, as the demo and the README use it.
-CX7_CONFIG = f"""\
-resources:
-  - resourceName: {RESOURCE}
-    pfs:
-      - pfName: enP2p1s0f0np0
-        numVfs: 4
-"""
+CX7_CONFIG = DEMO_CONFIG  # the canonical config: 4 VFs on the DGX Spark's QSFP port
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on right now (for metrics/health servers under test)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 def node_settings(root: Path, **overrides: Any) -> Settings:
     """Settings whose every path lives under ``root`` (sys/, dev/, var/...); no metrics/health ports."""
-    base = Settings(
-        config=str(root / "config.yaml"),
-        sysfs_root=str(root),
-        dev_root=str(root),
-        device_plugin_dir=str(root / "var/lib/kubelet/device-plugins"),
-        devinfo_dir=str(root / "var/run/k8s.cni.cncf.io/devinfo/dp"),
-        pod_resources_socket=str(root / "var/lib/kubelet/pod-resources/kubelet.sock"),
-        metrics_address="",
-        health_address="",
-    )
-    return replace(base, **overrides)
+    return demo_settings(root, **overrides)
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -25,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from agent.settings import env_name
 from agent.sim.kubelet import FakeKubelet
 from agent.sim.node import dgx_spark
+from tests.conftest import free_port
 
 from .conftest import REPO, Obj
 from .test_deploy_manifests import RESOURCE, agent_container, base_config, pod_spec
@@ -32,13 +32,6 @@ from .test_deploy_manifests import RESOURCE, agent_container, base_config, pod_s
 PATH_FLAGS = ("--config", "--sysfs-root", "--dev-root", "--device-plugin-dir", "--devinfo-dir",
               "--pod-resources-socket")
 ADDRESS_FLAGS = ("--metrics-address", "--health-address")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def container_view(base: list[Obj], root: Path) -> tuple[list[str], dict[str, str], dict[int, int]]:

@@ -22,9 +22,9 @@ import pytest
 
 from agent.app import Agent, build_agent
 from agent.config import HealthSettings, parse_config
-from agent.settings import Settings
 from agent.sim.kubelet import FakeKubelet
 from agent.sim.node import SimNode, SimPf
+from tests.conftest import node_settings
 
 RESOURCE = "nvidia.com/cx7_qsfp"
 
@@ -69,19 +69,6 @@ def netns() -> Iterator[Netns]:
         yield ns
     finally:
         subprocess.run(["ip", "netns", "del", ns.name], check=False)
-
-
-def settings_under(root: Path) -> Settings:
-    return Settings(
-        config=str(root / "config.yaml"),
-        sysfs_root=str(root),
-        dev_root=str(root),
-        device_plugin_dir=str(root / "var/lib/kubelet/device-plugins"),
-        devinfo_dir=str(root / "var/run/k8s.cni.cncf.io/devinfo/dp"),
-        pod_resources_socket=str(root / "var/lib/kubelet/pod-resources/kubelet.sock"),
-        metrics_address="",
-        health_address="",
-    )
 
 
 @dataclass
@@ -129,7 +116,7 @@ def config_for(node: VethNode) -> str:
 @contextlib.asynccontextmanager
 async def agent_watching(node: VethNode, settle_s: float = 0.2) -> AsyncIterator[tuple[Agent, FakeKubelet]]:
     """The real agent with its link watcher bound in the test namespace, and a kubelet stand-in."""
-    settings = settings_under(node.sim.root)
+    settings = node_settings(node.sim.root)
     kubelet = FakeKubelet(settings.device_plugin_dir)
     await kubelet.start()
     agent = build_agent(settings, parse_config(config_for(node)))

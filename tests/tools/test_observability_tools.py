@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,20 +32,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agent._pb.podresources.v1 import api_pb2 as pr_pb2
 from agent._pb.podresources.v1 import api_pb2_grpc as pr_grpc
+from agent.demo import DEMO_CONFIG
 from agent.sim.kubelet import FakeKubelet
 from agent.sim.node import SimNode, dgx_spark
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.tools
 
 RESOURCE = "nvidia.com/cx7_qsfp"
 PF = "0002:01:00.0"
-CONFIG = f"""\
-resources:
-  - resourceName: {RESOURCE}
-    pfs:
-      - pfName: enP2p1s0f0np0
-        numVfs: 4
-"""
+CONFIG = DEMO_CONFIG
 T = TypeVar("T")
 DASHBOARD = Path(__file__).resolve().parents[2] / "daemonset/grafana-dashboard.yaml"
 
@@ -54,13 +49,6 @@ DASHBOARD = Path(__file__).resolve().parents[2] / "daemonset/grafana-dashboard.y
 def dashboard_exprs() -> list[str]:
     (body,) = yaml.safe_load(DASHBOARD.read_text())["data"].values()
     return [t["expr"] for p in json.loads(body)["panels"] for t in p.get("targets", [])]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def need(tool: str) -> str:

@@ -9,20 +9,14 @@ from pathlib import Path
 
 from agent.app import Agent, build_agent
 from agent.config import parse_config
-from agent.demo import demo_settings
+from agent.demo import DEMO_CONFIG, demo_settings
 from agent.errors import AgentError
 from agent.sim.node import SimNode, dgx_spark
 from agent.status import PodRef
 
 RESOURCE = "nvidia.com/cx7_qsfp"
 PF = "0002:01:00.0"
-CONFIG = f"""\
-resources:
-  - resourceName: {RESOURCE}
-    pfs:
-      - pfName: enP2p1s0f0np0
-        numVfs: 4
-"""
+CONFIG = DEMO_CONFIG
 
 
 @dataclass
