@@ -149,7 +149,7 @@ class Agent:
         problems = list(res.problems)
         for m in res.matches:
             try:
-                pf = self.health_watch.overlay(self.sysfs.read_pf(m.pci_address))
+                pf = self.sysfs.read_pf(m.pci_address)
             except SysfsError as e:
                 problems.append(f"{m.resource.resource_name}: PF {m.pci_address}: cannot read: {e}")
                 continue

@@ -12,7 +12,6 @@ import contextlib
 import errno
 import functools
 import logging
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -156,8 +155,7 @@ class Executor:
             await self._write(a.pf, sys / "drivers" / a.current / "unbind", a.vf_pci)
         await self._write(a.pf, self.sysfs.pci_dir(a.vf_pci) / "driver_override", a.driver)
         await self._write(a.pf, sys / "drivers_probe", a.vf_pci)
-        bound = os.path.basename(os.readlink(self.sysfs.pci_dir(a.vf_pci) / "driver")) \
-            if (self.sysfs.pci_dir(a.vf_pci) / "driver").is_symlink() else None
+        bound = self.sysfs.driver_of(a.vf_pci)
         if bound != a.driver:
             raise SysfsError(str(sys / "drivers_probe"), errno.ENODEV, op=f"probe {a.vf_pci} with",
                              hint=f"the VF is bound to {bound or 'no driver'}, not {a.driver}; is the "
@@ -191,10 +189,11 @@ class Executor:
                 return f"VF {index} ({addr}) has no physfn link yet"
             if not probed:
                 continue
-            if not (d / "driver").is_symlink():
+            driver = self.sysfs.driver_of(addr)
+            if driver is None:
                 return f"VF {index} ({addr}) is not bound to a driver yet"
-            if os.path.basename(os.readlink(d / "driver")) == "mlx5_core" and not (
-                    _entries(d / "net") or _entries(d / "infiniband")):
+            if driver == "mlx5_core" and not (
+                    self.sysfs.children(addr, "net") or self.sysfs.children(addr, "infiniband")):
                 return f"VF {index} ({addr}) has no netdev or RDMA device yet"
         return ""
 
@@ -215,31 +214,15 @@ def observe_pf(sysfs: SysfsHost, netlink: VfNetlinkPort, address: str) -> PfObse
     attrs = {a.index: a for a in link.vfs} if link else {}
     vfs = []
     for index, vf in sysfs.vf_links(address):
-        d = sysfs.pci_dir(vf)
-        driver = os.path.basename(os.readlink(d / "driver")) if (d / "driver").is_symlink() else None
-        nets = _entries(d / "net")
+        nets = sysfs.children(vf, "net")
         netdev = nets[0] if nets else None
-        mtu = _int_file(d / "net" / netdev / "mtu") if netdev else None
-        vfs.append(VfObserved(index, vf, driver, netdev, mtu, attrs.get(index)))
+        mtu = sysfs.netdev_mtu(vf, netdev) if netdev else None
+        vfs.append(VfObserved(index, vf, sysfs.driver_of(vf), netdev, mtu, attrs.get(index)))
     return PfObserved(
         pci_address=address, ifname=ifname, driver=info.driver, totalvfs=info.sriov_totalvfs,
         numvfs=info.sriov_numvfs, drivers_autoprobe=info.sriov_drivers_autoprobe,
         mtu=link.mtu if link else (info.netdev.mtu if info.netdev else None),
         admin_up=link.admin_up if link else None, eswitch_mode=eswitch, vfs=tuple(vfs))
-
-
-def _entries(path: Path) -> list[str]:
-    try:
-        return sorted(os.listdir(path))
-    except OSError:
-        return []
-
-
-def _int_file(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip())
-    except (OSError, ValueError):
-        return None
 
 
 def _late(pf: str, what: str, fut: asyncio.Future[object]) -> None:

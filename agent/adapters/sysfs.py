@@ -113,6 +113,18 @@ class SysfsHost:
                     out.append((int(name[6:]), target))
         return sorted(out)
 
+    def driver_of(self, address: str) -> str | None:
+        """The driver bound to a PCI function (None: unbound)."""
+        return _link_name(self.pci_dir(address) / "driver")
+
+    def children(self, address: str, kind: str) -> list[str]:
+        """Names under <pci>/<kind>/ ("net": netdevs, "infiniband": RDMA devices), sorted."""
+        return _listdir(self.pci_dir(address) / kind)
+
+    def netdev_mtu(self, address: str, ifname: str) -> int | None:
+        mtu = _read_opt(self.pci_dir(address) / "net" / ifname / "mtu")
+        return int(mtu) if mtu is not None and mtu.isdigit() else None
+
     def read_vf(self, address: str, index: int, pf_address: str) -> VfInfo:
         d = self.pci_dir(address)
         return VfInfo(
