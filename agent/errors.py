@@ -59,6 +59,15 @@ class KubeletRegistrationError(AgentError):
         super().__init__(f"register with kubelet at {socket}: {reason}")
 
 
+class PluginSocketError(AgentError):
+    """Our device-plugin socket could not be created (bind failed, path too long, directory gone)."""
+
+    def __init__(self, socket: str, reason: str) -> None:
+        self.socket = socket
+        self.reason = reason
+        super().__init__(f"serve device plugin on {socket}: {reason}")
+
+
 class NetlinkOpError(AgentError):
     """A netlink request failed; carries the operation, the link and the errno code."""
 

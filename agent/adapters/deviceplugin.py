@@ -15,11 +15,14 @@ from typing import Protocol
 import grpc
 
 from agent._pb.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
-from agent.errors import AllocationError
+from agent.errors import AllocationError, PluginSocketError
 from agent.logs import ctx
 from agent.model import ContainerAllocation, ResourceView
 
 log = logging.getLogger(__name__)
+
+# sizeof(sockaddr_un.sun_path) is 108 on Linux, one byte of it the terminating NUL.
+MAX_SOCKET_PATH = 107
 
 
 class PluginBackend(Protocol):
@@ -146,18 +149,36 @@ class DevicePluginServer:
         self.inode: int | None = None
 
     async def start(self) -> None:
-        if os.path.lexists(self.socket_path):
-            os.unlink(self.socket_path)  # stale socket from an earlier run
+        """Bind and serve. A socket the kubelet wipes before we own it leaves socket_intact() False,
+        so the caller serves again, exactly as for a wipe an instant later."""
+        path_bytes = len(os.fsencode(self.socket_path))
+        if path_bytes > MAX_SOCKET_PATH:
+            raise PluginSocketError(self.socket_path, f"path is {path_bytes} bytes, a unix socket path "
+                                    f"holds at most {MAX_SOCKET_PATH}: shorten --device-plugin-dir "
+                                    "or the resource name")
+        try:
+            if os.path.lexists(self.socket_path):
+                os.unlink(self.socket_path)  # stale socket from an earlier run
+        except OSError as e:
+            raise PluginSocketError(self.socket_path, f"cannot remove the old socket: {e.strerror}") from e
         self.servicer.reset()
         server = grpc.aio.server()
         api_pb2_grpc.add_DevicePluginServicer_to_server(self.servicer, server)
-        server.add_insecure_port(f"unix:{self.socket_path}")
+        try:
+            server.add_insecure_port(f"unix:{self.socket_path}")
+        except RuntimeError as e:  # grpc says only "Failed to bind"; the directory is the usual cause
+            missing = not os.path.isdir(os.path.dirname(self.socket_path))
+            raise PluginSocketError(self.socket_path,
+                                    "cannot bind: directory missing" if missing else "cannot bind") from e
         await server.start()
-        # Not via umask: it is process-wide and would also narrow files other threads create now.
-        # Until the chmod the socket has the default 0755, which lets only root connect anyway.
-        os.chmod(self.socket_path, 0o600)
-        self.inode = os.stat(self.socket_path).st_ino
         self._server = server
+        try:
+            # Not via umask: it is process-wide and would also narrow files other threads create now.
+            # Until the chmod the socket has the default 0755, which lets only root connect anyway.
+            os.chmod(self.socket_path, 0o600)
+            self.inode = os.stat(self.socket_path).st_ino
+        except FileNotFoundError:
+            self.inode = None
 
     def socket_intact(self) -> bool:
         try:

@@ -19,7 +19,7 @@ import grpc
 from agent._pb.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 from agent.adapters.deviceplugin import DevicePluginServer
 from agent.adapters.inotify import IN_CREATE, IN_DELETE, IN_MOVED_FROM, IN_MOVED_TO, IN_Q_OVERFLOW, Inotify
-from agent.errors import KubeletRegistrationError
+from agent.errors import KubeletRegistrationError, PluginSocketError
 from agent.logs import ctx
 from agent.settings import KUBELET_SOCKET_NAME
 
@@ -94,7 +94,7 @@ class PluginLifecycle:
                 watcher.result()  # the watch could not be set up: surface why
             while True:
                 if not self.server.socket_intact():
-                    await self._serve()
+                    await self._serve_until_done()
                 if not await self._register_until_done():
                     continue  # our socket vanished while we were trying: serve again first
                 await self._wait_for_kubelet_restart()
@@ -127,12 +127,33 @@ class PluginLifecycle:
                             extra=ctx("kubelet-stop", self.kubelet_socket, resource=self.resource_name))
             await self._wake.wait()
 
-    async def _serve(self) -> None:
-        """(Re)start the gRPC server; a socket deleted by the kubelet is left alone, ours is replaced."""
-        await self.server.stop(grace=0.2, remove_socket=False)
-        await self.server.start()
-        log.info("serving on %s", self.server.socket_path,
-                 extra=ctx("serve", self.server.socket_path, resource=self.resource_name))
+    async def _serve_until_done(self) -> None:
+        """(Re)start the gRPC server, retrying with capped backoff. A socket we cannot create is
+        logged once per distinct reason and retried, never fatal: the other resources keep serving."""
+        delay = 0.1
+        last_error = ""
+        while True:
+            await self.server.stop(grace=0.2, remove_socket=False)
+            try:
+                await self.server.start()
+            except PluginSocketError as e:
+                if e.reason != last_error:
+                    log.error("cannot serve, will retry: %s", e.reason,
+                              extra=ctx("serve", e.socket, resource=self.resource_name))
+                    last_error = e.reason
+                await self._sleep_unless_woken(delay)
+                delay = min(delay * 2, self.max_backoff)
+                continue
+            log.info("serving on %s", self.server.socket_path,
+                     extra=ctx("serve", self.server.socket_path, resource=self.resource_name))
+            return
+
+    async def _sleep_unless_woken(self, delay: float) -> None:
+        """Back off, but wake at once when kubelet.sock or our socket changes."""
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await self._wake.wait()
 
     async def _register_until_done(self) -> bool:
         """Register, retrying with capped backoff; False if our socket vanished meanwhile."""
@@ -147,10 +168,7 @@ class PluginLifecycle:
                     log.warning("kubelet not ready, will retry: %s", e.reason,
                                 extra=ctx("register", self.kubelet_socket, resource=self.resource_name))
                     last_error = e.reason
-                self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(delay):
-                        await self._wake.wait()
+                await self._sleep_unless_woken(delay)
                 delay = min(delay * 2, self.max_backoff)
                 continue
             self._kubelet_inode = kubelet_inode

@@ -156,6 +156,50 @@ def test_kubelet_restart_deleting_sockets_leads_to_reregistration(sim_settings: 
     asyncio.run(body())
 
 
+def test_kubelet_wiping_our_socket_while_we_bind_it_is_survived(sim_settings: Settings, run_agent: RunAgent,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A starting kubelet deletes sockets at any moment, also between our bind and chmod: the agent
+    must serve again and register, not die (this once took the whole agent down)."""
+    sock = os.path.join(sim_settings.device_plugin_dir, SOCKET_NAME)
+    real_chmod = os.chmod
+    wiped: list[str] = []
+
+    def chmod_after_a_wipe(path: str, mode: int) -> None:
+        if path == sock and not wiped:
+            wiped.append(path)
+            os.unlink(path)  # the kubelet's CleanupPluginDirectory wins the race
+        real_chmod(path, mode)
+
+    monkeypatch.setattr(os, "chmod", chmod_after_a_wipe)
+
+    async def body() -> None:
+        async with run_agent(sim_settings, CX7_CONFIG) as (agent, kubelet):
+            await kubelet.wait_for(lambda: kubelet.healthy(RESOURCE) == VFS, timeout=5)
+            assert wiped == [sock]
+            assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600  # the second socket got its chmod
+            assert agent.lifecycles[RESOURCE].registered
+            assert agent._run_task is not None and not agent._run_task.done()
+    asyncio.run(body())
+
+
+def test_a_socket_path_too_long_for_one_resource_does_not_stop_the_other(
+        sim_settings: Settings, run_agent: RunAgent, caplog: pytest.LogCaptureFixture) -> None:
+    long_name = "a" * 60 + ".example.com/" + "b" * 60  # a valid extended resource name
+    config = CX7_CONFIG + f"  - {{resourceName: {long_name}, pfs: [{{pfName: enp1s0f0np0, numVfs: 2}}]}}\n"
+
+    async def body() -> None:
+        async with run_agent(sim_settings, config, wait_registered=False) as (agent, kubelet):
+            await kubelet.wait_for(lambda: kubelet.healthy(RESOURCE) == VFS, timeout=5)
+            await asyncio.sleep(0.5)  # several retries of the long one
+            assert long_name not in kubelet.endpoints
+            assert not agent.lifecycles[long_name].registered
+            assert agent.lifecycles[RESOURCE].registered
+    asyncio.run(body())
+    refusals = [r.getMessage() for r in caplog.records if r.getMessage().startswith("cannot serve")]
+    assert len(refusals) == 1, refusals  # said once, not once per retry
+    assert "a unix socket path holds at most 107" in refusals[0]
+
+
 def test_kubelet_stopping_marks_us_unregistered_until_it_returns(sim_settings: Settings,
                                                                  run_agent: RunAgent) -> None:
     async def body() -> None:
