@@ -104,6 +104,7 @@ async def _run_agent(settings: Settings, config: Config | str, *, start_kubelet:
         await agent.shutdown()
         with contextlib.suppress(asyncio.CancelledError):
             await runner
+        await kubelet.await_disconnects()
         await kubelet.stop()
 
 

@@ -122,6 +122,17 @@ class FakeKubelet(api_pb2_grpc.RegistrationServicer):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket)
 
+    async def await_disconnects(self, timeout: float = 5.0) -> None:
+        """Let open ListAndWatch readers see their streams end before stop() cancels them.
+
+        A plugin that just shut down ended its streams, but the kubelet learns that asynchronously;
+        cancelling first would skip the disconnect handling (devices marked Unhealthy). A stream still
+        open after ``timeout`` is left for stop() to cut, so a plugin that never ends it is visible.
+        """
+        live = [ep.task for ep in self.endpoints.values() if ep.task is not None and not ep.task.done()]
+        if live:
+            await asyncio.wait(live, timeout=timeout)
+
     async def restart(self) -> None:
         """A kubelet restart: sockets deleted, new kubelet.sock, plugins must re-register."""
         await self.stop()
