@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import grpc
 
@@ -53,6 +54,24 @@ def _inode(path: str) -> int | None:
         return os.stat(path).st_ino
     except OSError:
         return None
+
+
+@dataclass
+class _Backoff:
+    """Capped doubling delay (0.1 s up) that reports each distinct failure reason once, not per retry."""
+
+    max_delay: float
+    delay: float = 0.1
+    last_reason: str = ""
+
+    def first_time(self, reason: str) -> bool:
+        new = reason != self.last_reason
+        self.last_reason = reason
+        return new
+
+    def next_delay(self) -> float:
+        delay, self.delay = self.delay, min(self.delay * 2, self.max_delay)
+        return delay
 
 
 class PluginLifecycle:
@@ -130,19 +149,16 @@ class PluginLifecycle:
     async def _serve_until_done(self) -> None:
         """(Re)start the gRPC server, retrying with capped backoff. A socket we cannot create is
         logged once per distinct reason and retried, never fatal: the other resources keep serving."""
-        delay = 0.1
-        last_error = ""
+        backoff = _Backoff(self.max_backoff)
         while True:
             await self.server.stop(grace=0.2, remove_socket=False)
             try:
                 await self.server.start()
             except PluginSocketError as e:
-                if e.reason != last_error:
+                if backoff.first_time(e.reason):
                     log.error("cannot serve, will retry: %s", e.reason,
                               extra=ctx("serve", e.socket, resource=self.resource_name))
-                    last_error = e.reason
-                await self._sleep_unless_woken(delay)
-                delay = min(delay * 2, self.max_backoff)
+                await self._sleep_unless_woken(backoff.next_delay())
                 continue
             log.info("serving on %s", self.server.socket_path,
                      extra=ctx("serve", self.server.socket_path, resource=self.resource_name))
@@ -157,19 +173,16 @@ class PluginLifecycle:
 
     async def _register_until_done(self) -> bool:
         """Register, retrying with capped backoff; False if our socket vanished meanwhile."""
-        delay = 0.1
-        last_error = ""
+        backoff = _Backoff(self.max_backoff)
         while self.server.socket_intact():
             kubelet_inode = _inode(self.kubelet_socket)
             try:
                 await register(self.kubelet_socket, self.endpoint, self.resource_name)
             except KubeletRegistrationError as e:
-                if e.reason != last_error:
+                if backoff.first_time(e.reason):
                     log.warning("kubelet not ready, will retry: %s", e.reason,
                                 extra=ctx("register", self.kubelet_socket, resource=self.resource_name))
-                    last_error = e.reason
-                await self._sleep_unless_woken(delay)
-                delay = min(delay * 2, self.max_backoff)
+                await self._sleep_unless_woken(backoff.next_delay())
                 continue
             self._kubelet_inode = kubelet_inode
             self.registrations += 1
