@@ -3,6 +3,8 @@ FLR, and only then offered to the kubelet again, so no pod inherits another pod'
 
 Signals (PodResources has no watch API, so events drive the asking):
 
+* a VF netdev leaving for a pod (sriov-cni ADD): PodResources is asked once, so it confirms the
+  allocation and our own Allocate record stops counting;
 * a VF netdev coming home (sriov-cni DEL moves it back to the host netns: an RTM_NEWLINK, which makes
   the agent re-read sysfs) while the ledger still says a pod holds the VF: the pod is ending. The VF is
   fenced at once, so the kubelet cannot hand it out, and PodResources is asked again at growing
@@ -97,8 +99,12 @@ class VfHygiene:
         self._had_netdev |= {a for a, (_, vf) in vfs.items() if vf.netdev is not None}
         held = self.agent.ledger.held()
         home = {a for a in self._away if a in vfs and vfs[a][1].netdev is not None}
-        self._away = {a for a in held
-                      if a in vfs and vfs[a][1].netdev is None and self._has_netdev(a, vfs[a][0])}
+        away = {a for a in held if a in vfs and vfs[a][1].netdev is None and self._has_netdev(a, vfs[a][0])}
+        if away - self._away:
+            # A netdev moved into a pod (sriov-cni ADD): the pod started. Asking PodResources now lets it
+            # confirm the Allocate, so its release is the kubelet's word, not the end of a grace period.
+            self._recheck_at = self.clock()
+        self._away = away
         for vf in sorted(home & held):
             where = self._locate(vf)
             if where is None or _mode(where[0]) == "none" or vf in self.agent.fences:

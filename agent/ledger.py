@@ -33,6 +33,7 @@ class Allocation:
     device: str
     resource: str
     at: float  # time.time()
+    confirmed: bool = False  # PodResources has listed it: its word alone decides the release now
 
 
 @dataclass
@@ -96,6 +97,8 @@ class PodLedger:
             return
         self.owners, self.error = owners, None
         self._listed = frozenset(dev for _, dev in owners)
+        for dev_id in self._listed & self.records.keys():
+            self.records[dev_id].confirmed = True
 
-    def _times(self) -> dict[str, float]:
-        return {d: a.at for d, a in self.records.items()}
+    def _times(self) -> dict[str, tuple[float, bool]]:
+        return {d: (a.at, a.confirmed) for d, a in self.records.items()}

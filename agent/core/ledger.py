@@ -2,10 +2,11 @@
 Allocate record. Pure: the caller asks the kubelet and passes the answer in.
 
 The kubelet records an allocation in PodResources only after Allocate returns, so a recent Allocate
-counts as held even when PodResources does not list it yet. An Allocate record older than that grace
-which PodResources does not list is stale (the pod never started, or has gone) and is pruned. When
-PodResources cannot be asked, every record counts: the agent cannot tell a finished pod from a
-running one, and the safe answer is "held".
+counts as held even when PodResources does not list it yet, until PodResources has listed it once
+(confirmed): from then on the kubelet's word alone says when it is released. A record PodResources
+does not list (any more) is pruned once it is confirmed or older than the grace. When PodResources
+cannot be asked, every record counts: the agent cannot tell a finished pod from a running one, and the
+safe answer is "held".
 """
 
 from __future__ import annotations
@@ -24,14 +25,14 @@ class Judgement:
     keep: frozenset[str]  # Allocate records still worth keeping; the rest are pruned
 
 
-def judge(listed: Collection[str] | None, records: Mapping[str, float], now: float,
+def judge(listed: Collection[str] | None, records: Mapping[str, tuple[float, bool]], now: float,
           grace: float = ALLOCATE_GRACE_S) -> Judgement:
     """``listed``: device IDs PodResources lists (None: it could not be asked); ``records``: our
-    Allocate record, device ID -> when (time.time())."""
+    Allocate record, device ID -> (when, time.time(); whether PodResources has listed it since)."""
     if listed is None:
         mine = frozenset(records)
         return Judgement(mine, mine)
     pods = frozenset(listed)
-    recent = frozenset(d for d, at in records.items() if now - at < grace)
-    # A record the kubelet confirms is kept: it is the fallback should PodResources stop answering.
-    return Judgement(pods | recent, recent | (pods & records.keys()))
+    pending = frozenset(d for d, (at, confirmed) in records.items() if not confirmed and now - at < grace)
+    # A record the kubelet lists is kept: it is the fallback should PodResources stop answering.
+    return Judgement(pods | pending, pending | (pods & records.keys()))
