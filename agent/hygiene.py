@@ -8,7 +8,7 @@ Signals (PodResources has no watch API, so events drive the asking):
 * a VF netdev coming home (sriov-cni DEL moves it back to the host netns: an RTM_NEWLINK, which makes
   the agent re-read sysfs) while the ledger still says a pod holds the VF: the pod is ending. The VF is
   fenced at once, so the kubelet cannot hand it out, and PodResources is asked again at growing
-  intervals (50 ms doubling to 5 s) for up to two minutes until it stops listing the VF;
+  intervals (50 ms doubling to 250 ms) for up to a minute until it stops listing the VF;
 * any ledger refresh (a reconcile, a metrics scrape, `status`, the re-checks above) that finds a VF no
   longer held: the release itself.
 
@@ -42,11 +42,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# After a held VF's netdev comes home, ask PodResources again after 50 ms, doubling up to 5 s, for
+# After a held VF's netdev comes home, ask PodResources again after 50 ms, doubling up to 250 ms, for
 # this long; a VF the kubelet still lists after that is un-fenced (its pod kept it).
 RECHECK_FIRST_S = 0.05
-RECHECK_MAX_S = 5.0
-RECHECK_WINDOW_S = 120.0
+RECHECK_MAX_S = 0.25
+RECHECK_WINDOW_S = 60.0
 
 
 class VfHygiene:
