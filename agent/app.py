@@ -22,9 +22,12 @@ from agent.adapters.podresources import PodResourcesClient
 from agent.adapters.sysfs import SysfsHost, SysfsWriter
 from agent.config import Config, ResourceConfig, parse_config
 from agent.core.discovery import Resolution, pf_problem, resolve_pfs
+from agent.core.hygiene import fenced
 from agent.core.inventory import NodeState, allocate, build_view, preferred_allocation
 from agent.errors import AllocationError, ConfigError, SysfsError
 from agent.healthwatch import HealthWatch
+from agent.hygiene import VfHygiene
+from agent.ledger import Allocation, PodLedger
 from agent.lifecycle import Lifecycle
 from agent.logs import ctx
 from agent.model import ContainerAllocation, PfInfo, PfReconcileStatus, ResourceView
@@ -62,15 +65,6 @@ class ViewHub:
         return self.current(resource)
 
 
-@dataclass
-class Allocation:
-    """The agent's own record of an Allocate call (fallback when PodResources is unreachable)."""
-
-    device: str
-    resource: str
-    at: float
-
-
 class ResourceBackend:
     """PluginBackend for one resource, reading the agent's shared state."""
 
@@ -85,12 +79,13 @@ class ResourceBackend:
         return await self.agent.hub.changed(self.resource.resource_name, after_version)
 
     def allocate(self, ids: Sequence[str]) -> ContainerAllocation:
+        for dev_id in ids:  # the fence, not the view: a VF fenced an instant ago is not in a view yet
+            if dev_id in self.agent.fences:
+                raise AllocationError(dev_id, self.agent.fences[dev_id])
         _, view = self.current()
         result = allocate(self.resource, ids, view, self.agent.node, self.agent.sysfs.dev_path_exists)
         self.agent.write_devinfo(result)
-        now = time.time()
-        for dev_id in ids:
-            self.agent.allocations[dev_id] = Allocation(dev_id, self.resource.resource_name, now)
+        self.agent.ledger.record(self.resource.resource_name, ids)
         return result
 
     def preferred(self, available: Sequence[str], must_include: Sequence[str], size: int) -> list[str]:
@@ -112,7 +107,8 @@ class Agent:
     hub: ViewHub = field(default_factory=ViewHub)
     node: NodeState = field(default_factory=lambda: NodeState({}))
     resolution: Resolution = field(default_factory=lambda: Resolution((), ()))
-    allocations: dict[str, Allocation] = field(default_factory=dict)
+    ledger: PodLedger = field(default_factory=PodLedger)  # which VFs pods hold
+    fences: dict[str, str] = field(default_factory=dict)  # VF -> why it is fenced (VF hygiene)
     lifecycles: dict[str, PluginLifecycle] = field(default_factory=dict)
     extra_tasks: list[RootTask] = field(default_factory=list)
     stats: Stats = field(default_factory=Stats)
@@ -124,13 +120,19 @@ class Agent:
     health_watch: HealthWatch = field(default_factory=HealthWatch)  # link overlay, debounce, re-checks
     before_serving: list[RootTask] = field(default_factory=list)  # awaited after the first scan
     pf_listeners: list[Callable[[frozenset[str]], None]] = field(default_factory=list)  # PFs (re)appeared
+    node_listeners: list[Callable[[NodeState], None]] = field(default_factory=list)  # after each re-read
     reconcile_status: dict[str, PfReconcileStatus] = field(default_factory=dict)  # by PF, last reconcile
     _scan_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _run_task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------ state
-    def in_pod(self) -> set[str]:
-        return set(self.allocations)
+    @property
+    def allocations(self) -> dict[str, Allocation]:
+        """The agent's own Allocate record (the ledger's fallback)."""
+        return self.ledger.records
+
+    def in_pod(self) -> frozenset[str]:
+        return self.ledger.held()
 
     def resolve(self) -> Resolution:
         pci = self.sysfs.list_pci()
@@ -179,6 +181,8 @@ class Agent:
             if appeared and scanned_before:
                 for listener in self.pf_listeners:
                     listener(appeared)
+            for node_listener in self.node_listeners:
+                node_listener(node)
             self._report_scan(res, node)
             await self._publish_views(res, node, reason)
 
@@ -197,7 +201,9 @@ class Agent:
         for resource in self.config.resources:
             pfs = [node.pfs[m.pci_address] for m in res.for_resource(resource.resource_name)
                    if m.pci_address in node.pfs]
-            view = self.health_watch.settle(build_view(resource, pfs, in_pod), self.stats, in_pod)
+            # The fence goes over the debounced view: lifting it must not wait out a recovery hold.
+            view = fenced(self.health_watch.settle(build_view(resource, pfs, in_pod), self.stats, in_pod),
+                          self.fences)
             old = self.hub.views.get(resource.resource_name)
             if await self.hub.publish(view):
                 self._log_transitions(old, view, reason)
@@ -341,11 +347,13 @@ def build_agent(settings: Settings, config: Config, writer: SysfsWriter | None =
     tree when a kernel-faithful ``writer`` is given; plain file writes into a simulated tree would
     emulate nothing, so without one a simulated node is only observed."""
     sysfs = SysfsHost(settings.sysfs_root, dev_root=settings.dev_root, writer=writer)
-    agent = Agent(settings=settings, config=config, sysfs=sysfs)
-    pods = PodResourcesClient(settings.pod_resources_socket)
-    agent.metrics = build_metrics(agent, agent.stats, sysfs, pods=pods)
+    agent = Agent(settings=settings, config=config, sysfs=sysfs,
+                  ledger=PodLedger(PodResourcesClient(settings.pod_resources_socket)))
+    agent.metrics = build_metrics(agent, agent.stats, sysfs, pods=agent.ledger)
     if writer is not None or Path(settings.sysfs_root).resolve() == Path("/"):
-        Lifecycle(agent, netlink or PyrouteVfNetlink(), pods=pods).install()
+        lifecycle = Lifecycle(agent, netlink or PyrouteVfNetlink())
+        lifecycle.install()
+        VfHygiene(agent, lifecycle.executor, lifecycle.node_name).install()
     if settings.health_address:
         agent.health = HealthServer(settings.health_address, status=agent.status)
     return agent

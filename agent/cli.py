@@ -32,6 +32,7 @@ _FLAGS: dict[str, tuple[str, str]] = {
     "--device-plugin-dir": ("device_plugin_dir", "kubelet device-plugin directory (holds kubelet.sock)"),
     "--devinfo-dir": ("devinfo_dir", "where device-info files for Multus are written"),
     "--pod-resources-socket": ("pod_resources_socket", "kubelet PodResources API socket (read-only use)"),
+    "--state-dir": ("state_dir", "agent-owned state kept across restarts (VFs fenced for a reset)"),
     "--metrics-address": ("metrics_address", "host:port of the Prometheus metrics endpoint"),
     "--health-address": ("health_address", "host:port of the gRPC health (grpc.health.v1) endpoint"),
     "--log-format": ("log_format", "text or json"),

@@ -38,6 +38,8 @@ MAX_MTU = 65535
 
 MacPolicy = Literal["keep", "stable"]
 LinkState = Literal["auto", "enable", "disable"]
+ResetOnRelease = Literal["none", "settings", "flr"]  # what a VF gets when its pod lets go of it
+RESET_MODES: tuple[ResetOnRelease, ...] = ("none", "settings", "flr")
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,7 @@ class PfConfig:
     drivers_autoprobe: bool | None = None
     mtu: int | None = None
     vf: VfSettings = VfSettings()
+    reset_on_release: ResetOnRelease = "settings"
 
 
 @dataclass(frozen=True)
@@ -216,7 +219,7 @@ def _resource(raw: object, path: str) -> ResourceConfig:
 _PF_KEYS = {
     "pfName", "pciAddress", "vendor", "device", "numVfs", "externallyManaged", "vfDriver",
     "driversAutoprobe", "mtu", "vfMtu", "mac", "trust", "spoofchk", "linkState", "vlan", "qos",
-    "minTxRate", "maxTxRate",
+    "minTxRate", "maxTxRate", "resetOnRelease",
 }
 
 
@@ -244,6 +247,9 @@ def _pf(raw: object, path: str) -> PfConfig:
     max_rate = _opt_int(m, "maxTxRate", path, 0, 10_000_000)
     if min_rate and max_rate and min_rate > max_rate:
         raise ConfigError(f"{path}.minTxRate", min_rate, f"is above maxTxRate {max_rate}")
+    reset = m.get("resetOnRelease", "settings")
+    if reset not in RESET_MODES:
+        raise ConfigError(f"{path}.resetOnRelease", reset, "must be one of none, settings, flr")
     vf = VfSettings(
         mac=mac,
         trust=_opt_bool(m, "trust", path),
@@ -263,6 +269,7 @@ def _pf(raw: object, path: str) -> PfConfig:
         drivers_autoprobe=_opt_bool(m, "driversAutoprobe", path),
         mtu=_opt_int(m, "mtu", path, MIN_MTU, MAX_MTU),
         vf=vf,
+        reset_on_release=reset,
     )
 
 

@@ -38,6 +38,7 @@ def demo_settings(root: Path, metrics_address: str = "", health_address: str = "
         device_plugin_dir=str(root / "var/lib/kubelet/device-plugins"),
         devinfo_dir=str(root / "var/run/k8s.cni.cncf.io/devinfo/dp"),
         pod_resources_socket=str(root / "var/lib/kubelet/pod-resources/kubelet.sock"),
+        state_dir=str(root / "var/run/sriov-rdma-agent"),
         metrics_address=metrics_address,
         health_address=health_address,
     ), **overrides)

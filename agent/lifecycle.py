@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
 import socket
 import time
 from collections import defaultdict
@@ -23,7 +22,6 @@ from typing import TYPE_CHECKING
 from agent.adapters.executor import Executor, Timeouts, VfNetlinkPort, error_reason, observe_pf
 from agent.adapters.inotify import IN_CLOSE_WRITE, IN_CREATE, IN_DELETE, IN_MOVED_TO, Inotify
 from agent.adapters.netlink_vf import PyrouteVfNetlink
-from agent.adapters.podresources import PodResourcesClient
 from agent.config import Config, parse_config
 from agent.core.discovery import Resolution
 from agent.core.reconcile import (
@@ -47,10 +45,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Kubelet records an allocation in PodResources only after Allocate returns: trust our own record
-# for this long after an Allocate, even when PodResources answers.
-ALLOCATE_GRACE_S = 60.0
-
 
 @dataclass
 class _Run:
@@ -64,13 +58,11 @@ class _Run:
 
 class Lifecycle:
     def __init__(self, agent: Agent, netlink: VfNetlinkPort, timeouts: Timeouts | None = None, *,
-                 startup_wait: float = 30.0, max_rounds: int = 4,
-                 pods: PodResourcesClient | None = None) -> None:
+                 startup_wait: float = 30.0, max_rounds: int = 4) -> None:
         self.agent = agent
         self.netlink = netlink
         self.executor = Executor(agent.sysfs, netlink, timeouts)
         self._timeouts = self.executor.timeouts  # before the config's lifecycle: section is applied
-        self.pods = pods or PodResourcesClient(agent.settings.pod_resources_socket)
         self.startup_wait = startup_wait
         self.max_rounds = max_rounds
         self.config_error = ""  # why the last config reload was rejected ("" when it was accepted)
@@ -79,7 +71,6 @@ class Lifecycle:
         self._wake = asyncio.Event()
         self._reasons: list[str] = []
         self._first: asyncio.Task[None] | None = None
-        self._pod_source = ""
 
     # ------------------------------------------------------------ wiring
     def install(self) -> None:
@@ -248,22 +239,8 @@ class Lifecycle:
             for m in res.matches))
 
     async def in_use(self) -> frozenset[str]:
-        """VF IDs held by pods: PodResources when it answers (plus very recent Allocates), else our record."""
-        mine = self.agent.allocations
-        try:
-            owners = await self.pods.device_owners()
-        except AgentError as e:
-            if self._pod_source != "record":
-                # No socket at all is a deployment without the pod-resources mount; a socket that
-                # does not answer is a kubelet in trouble.
-                level = logging.WARNING if os.path.exists(self.pods.socket) else logging.INFO
-                log.log(level, "PodResources unavailable (%s); using the agent's own Allocate record", e,
-                        extra=ctx("reconcile"))
-            self._pod_source = "record"
-            return frozenset(mine)
-        self._pod_source = "podresources"
-        recent = {d for d, a in mine.items() if time.time() - a.at < ALLOCATE_GRACE_S}
-        return frozenset(dev for _, dev in owners) | frozenset(recent)
+        """VF IDs held by pods, from the agent's ledger (PodResources first, else our Allocate record)."""
+        return await self.agent.ledger.refresh()
 
     async def observe(self, desired: Desired) -> Observed:
         in_use = await self.in_use()

@@ -15,6 +15,8 @@ ENV_PREFIX = "SRIOV_RDMA_AGENT_"
 DEFAULT_CONFIG = "/etc/sriov-rdma-agent/config.yaml"  # inside the container: a mounted ConfigMap
 DEFAULT_DEVICE_PLUGIN_DIR = "/var/lib/kubelet/device-plugins"
 DEFAULT_DEVINFO_DIR = "/var/run/k8s.cni.cncf.io/devinfo/dp"
+# Agent-owned state that must outlive a container restart but not a reboot (tmpfs on Talos).
+DEFAULT_STATE_DIR = "/var/run/sriov-rdma-agent"
 DEFAULT_POD_RESOURCES_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
 # 9808 is the port the SR-IOV network metrics exporter uses; users replacing it keep their scrape config.
 DEFAULT_METRICS_ADDRESS = "0.0.0.0:9808"
@@ -30,6 +32,7 @@ class Settings:
     device_plugin_dir: str = DEFAULT_DEVICE_PLUGIN_DIR
     devinfo_dir: str = DEFAULT_DEVINFO_DIR
     pod_resources_socket: str = DEFAULT_POD_RESOURCES_SOCKET
+    state_dir: str = DEFAULT_STATE_DIR
     metrics_address: str = DEFAULT_METRICS_ADDRESS
     health_address: str = DEFAULT_HEALTH_ADDRESS
     log_format: str = "text"  # "text" or "json"

@@ -6,7 +6,7 @@ disagree. Nothing here polls: the rows are computed from the agent's current sta
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -59,7 +59,9 @@ class ObservedAgent(Protocol):
     def hub(self) -> _Hub: ...
 
     @property
-    def allocations(self) -> Mapping[str, object]: ...
+    def fences(self) -> Mapping[str, str]: ...
+
+    def in_pod(self) -> Collection[str]: ...
 
     @property
     def lifecycles(self) -> Mapping[str, _Registration]: ...
@@ -92,6 +94,7 @@ class VfRow:
     reason: str
     allocated: bool
     owner: PodRef | None
+    resetting: bool = False  # fenced: released by its pod and being put back to the baseline
 
 
 def pf_rows(agent: ObservedAgent) -> list[PfRow]:
@@ -106,20 +109,22 @@ def pf_rows(agent: ObservedAgent) -> list[PfRow]:
 
 
 def vf_rows(agent: ObservedAgent, owners: Mapping[tuple[str, str], PodRef] | None) -> list[VfRow]:
-    """Every advertised VF. ``owners`` None means PodResources was unreachable: then "allocated"
-    falls back to the agent's own Allocate records, which cannot tell when a pod has gone."""
+    """Every advertised VF. "allocated" is the agent's ledger (PodResources, plus Allocates the kubelet
+    has not listed yet; our own Allocate record alone when it cannot be asked); ``owners`` names pods."""
+    held = agent.in_pod()
     rows = []
     vfs = {vf.pci_address: vf for pf in agent.node.pfs.values() for vf in pf.vfs}
     for resource, view in sorted(agent.hub.views.items()):
         for d in view.devices:
             vf = vfs.get(d.id)
             owner = owners.get((resource, d.id)) if owners is not None else None
-            allocated = owner is not None if owners is not None else d.id in agent.allocations
+            allocated = owner is not None or d.id in held
             rows.append(VfRow(
                 resource=resource, pf=d.pf_pci_address, vf=d.id, index=vf.index if vf else -1,
                 netdev=vf.netdev.name if vf and vf.netdev else "",
                 rdma_device=vf.rdma.name if vf and vf.rdma else "",
                 healthy=d.health is Health.HEALTHY, reason=d.reason, allocated=allocated, owner=owner,
+                resetting=d.id in agent.fences,
             ))
     return rows
 
@@ -175,6 +180,9 @@ def render(doc: Mapping[str, Any]) -> str:
     vf_table: list[tuple[str, ...]] = [vf_cols]
     for v in doc["vfs"]:
         health = "Healthy" if v["healthy"] else f"Unhealthy ({v['reason']})"
+        if v.get("resetting"):  # reason "resetting" or "resetting: failed (...); retry in 2s"
+            detail = v["reason"].removeprefix("resetting").removeprefix(": ")
+            health = f"Resetting ({detail})" if detail else "Resetting"
         owner = v["owner"]
         pod = f"{owner['namespace']}/{owner['pod']}/{owner['container']}" if owner else "-"
         vf_table.append((v["resource"], v["vf"], v["pf"], str(v["index"]), v["netdev"] or "-",

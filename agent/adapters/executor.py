@@ -144,6 +144,11 @@ class Executor:
             case Refuse() | Warn():
                 pass
 
+    async def flr(self, pf: str, vf_pci: str) -> None:
+        """Function-level reset of one VF: "1" to its sysfs ``reset`` (pci_reset_function: the
+        kernel saves and restores config space and tells the bound driver around the reset)."""
+        await self._write(pf, self.sysfs.pci_dir(vf_pci) / "reset", "1")
+
     async def _write(self, pf: str, path: Path, value: str) -> None:
         await self.call(pf, f"write {value!r} to {path}", self.timeouts.sysfs_write,
                         lambda: self.sysfs.write(path, value))

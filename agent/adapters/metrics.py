@@ -121,11 +121,15 @@ STAT_COUNTERS: dict[str, tuple[str, str, tuple[str, ...]]] = {
                            ("resource", "to")),
     "kubelet_registrations": ("kubelet_registrations", "Successful Register calls to the kubelet.",
                               ("resource",)),
+    "vf_resets": ("vf_resets", "Resets of VFs their pods released, by PF, resetOnRelease mode and outcome "
+                  "(ok, failed, skipped_held).", ("pf", "mode", "outcome")),
     "netlink_resyncs": ("netlink_resyncs", "Full re-reads after a netlink overflow or error, by reason.",
                         ("reason",)),
 }
 
 ALLOCATE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+# Fence to offered again: milliseconds for `settings`, seconds for an FLR, minutes behind a slow pod exit.
+RESET_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 _BAD_NAME_CHARS = re.compile(r"[^a-z0-9_]")
 
 
@@ -321,6 +325,7 @@ class AgentMetrics:
     registry: CollectorRegistry
     collector: AgentCollector
     allocate_seconds: Histogram
+    reset_seconds: Histogram  # by resetOnRelease mode
 
     def allocate_observer(self, resource: str) -> Callable[[float, bool], None]:
         """The on_allocate callback for one resource's DevicePluginServicer."""
@@ -382,9 +387,12 @@ def build_metrics(agent: ObservedAgent, stats: Stats, sysfs: SysfsHost, pods: Po
     registry.register(collector)
     hist = Histogram(_m("allocate_duration_seconds"), "Time to answer the kubelet's Allocate call.",
                      ["resource", "result"], buckets=ALLOCATE_BUCKETS, registry=registry)
+    resets = Histogram(_m("vf_reset_duration_seconds"),
+                       "Time a released VF spent fenced: from the fence to being offered again after a "
+                       "successful reset.", ["mode"], buckets=RESET_BUCKETS, registry=registry)
     if process:
         ProcessCollector(registry=registry)
-    return AgentMetrics(registry, collector, hist)
+    return AgentMetrics(registry, collector, hist, resets)
 
 
 class MetricsServer:

@@ -10,6 +10,9 @@ fails with the same errno, in the same order of checks:
   MMIO exhaustion (injected) -> ENOMEM.
 * bind: unknown device or a driver that does not match (driver_override) -> ENODEV; already bound
   -> EBUSY. unbind: not bound to that driver -> ENODEV. drivers_probe: unknown device -> ENODEV.
+* reset (drivers/pci/pci-sysfs.c ``reset_store``): not a number -> EINVAL, a number other than 1 ->
+  EINVAL, else a function-level reset (``pci_reset_function``), recorded in ``resets``. The attribute
+  exists only on a function with a reset method (``SimPf.vf_flr`` for VFs), so elsewhere -> ENOENT.
 * a read-only attribute -> EACCES; a missing file -> ENOENT.
 
 Timing knobs make it behave like real hardware: a write can take ``write_latency`` seconds, VFs can
@@ -57,6 +60,7 @@ class SimKernel:
         self.probe_delay = probe_delay
         self.writes: list[tuple[str, str]] = []  # (path relative to sys/, value) of every write attempted
         self.kernel_log: list[str] = []  # what the kernel would print to dmesg
+        self.resets: list[str] = []  # PCI address of every function-level reset done
         self._inject: dict[tuple[str, str], list[int]] = {}
         self._hangs: dict[str, _Hang] = {}
         self._lock = threading.RLock()
@@ -121,7 +125,15 @@ class SimKernel:
                 text = value[:-1] if value.endswith("\n") else value
                 Path(path).write_text(f"{text or '(null)'}\n")
                 return None
-            return None  # reset: accepted, nothing to model
+            return self._reset(address, value, path)
+
+    def _reset(self, address: str, value: str, path: Path) -> None:
+        n = _kstrtoul(value)
+        if n is None or n != 1:
+            raise _err(errno.EINVAL, path)
+        if self.write_latency:
+            time.sleep(self.write_latency)
+        self.resets.append(address)
 
     # ------------------------------------------------------------ SR-IOV
     def _sriov_numvfs(self, address: str, value: str, path: Path) -> None:
@@ -306,6 +318,20 @@ def _mlx5_default(index: int) -> VfAttrs:
     """A fresh mlx5 VF: no admin MAC, spoof checking off, link-state auto, trust off, no rate limit."""
     return VfAttrs(index, "00:00:00:00:00:00", trust=False, spoofchk=False, link_state="auto",
                    vlan=0, qos=0, min_tx_rate=0, max_tx_rate=0)
+
+
+def _kstrtoul(value: str) -> int | None:
+    """kstrtoul(buf, 0, ...): an optional '+', 0x for hex, a leading 0 for octal, one trailing newline."""
+    text = value[:-1] if value.endswith("\n") else value
+    text = text.removeprefix("+")
+    base = 16 if text[:2].lower() == "0x" else 8 if len(text) > 1 and text[0] == "0" else 10
+    digits = text[2:] if base == 16 else text
+    if not digits or not digits.isalnum():
+        return None
+    try:
+        return int(digits, base)
+    except ValueError:
+        return None
 
 
 def _driver(node: SimNode, address: str) -> str | None:

@@ -74,6 +74,7 @@ class SimPf:
     driver: str | None = MLX5_DRIVER
     rdma: bool = True
     sriov: bool = True  # False: a NIC without the SR-IOV capability (no sriov_* files)
+    vf_flr: bool = True  # VFs advertise FLR (PCIe DevCap), so the kernel gives them a sysfs `reset`
     vendor: str = MLX_VENDOR
     device: str = CX7_PF_DEVICE
 
@@ -250,6 +251,8 @@ class SimNode:
         for i in range(n):
             addr = self.vf_address(pf.pci_address, i)
             vd = self._add_pci_function(addr, pf.vendor, MLX5_VF_DEVICE, pf.numa_node, None)
+            if not pf.vf_flr:  # no reset method: pci_dev_reset_attr_is_visible hides the attribute
+                (vd / "reset").unlink()
             os.symlink(f"../{pf.pci_address}", vd / "physfn")
             os.symlink(f"../{addr}", pfd / f"virtfn{i}")
             if autoprobe and pf.driver:
@@ -357,6 +360,14 @@ class SimNode:
         target = link.resolve()
         link.unlink()
         _rmtree(target)
+
+    def move_netdev_home(self, vf_address: str, mtu: int = 1500) -> str:
+        """sriov-cni DEL: the VF netdev back in the host netns under its own name (at the MTU the pod
+        left it, unless sriov-cni restored it); the kernel sends RTM_NEWLINK. Returns the name."""
+        pf = self.pf(self.pf_of(vf_address))
+        name = self.vf_netdev_name(pf.pci_address, self.vf_index(vf_address))
+        self._add_netdev(vf_address, name, pf.link_up, pf.speed_mbps, mtu)
+        return name
 
 
 def dgx_spark(root: Path, numvfs: int = 4, totalvfs: int = 8) -> SimNode:

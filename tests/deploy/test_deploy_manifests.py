@@ -164,7 +164,7 @@ def test_host_paths_are_exactly_the_agent_s_and_none_under_etc(base: list[Obj]) 
     assert host == {
         "/sys": False, "/dev": True, "/var/lib/kubelet/device-plugins": False,
         "/var/lib/kubelet/pod-resources": True, "/var/run/k8s.cni.cncf.io/devinfo/dp": False,
-        "/run/udev": True,
+        "/run/udev": True, "/var/run/sriov-rdma-agent": False,
     }
     assert not [p for p in host if p == "/etc" or p.startswith("/etc/")]
     assert mounts(base)["/run/udev"][1], "libudev reads /run/udev at this fixed path"

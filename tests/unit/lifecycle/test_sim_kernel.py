@@ -117,3 +117,24 @@ def test_hung_write_blocks_until_released(sim_root: Path) -> None:
     hang.release.set()
     t.join(5)
     assert _numvfs(node) == "2"
+
+
+def test_reset_is_an_flr_only_for_the_value_1_and_only_where_the_function_has_one(sim_root: Path) -> None:
+    node = _node(sim_root, numvfs=2)
+    k = SimKernel(node)
+    vf = node.vf_address(PF, 0)
+    reset = f"bus/pci/devices/{vf}/reset"
+    for value in ("1", "1\n", "0x1", "+1"):
+        _write(k, reset, value)
+    assert k.resets == [vf] * 4
+    assert _errno(k, reset, "2") == errno.EINVAL  # reset_store: val != 1
+    assert _errno(k, reset, "yes") == errno.EINVAL  # kstrtoul fails
+    assert _errno(k, reset, "") == errno.EINVAL
+    assert k.resets == [vf] * 4
+
+    other = SimNode(sim_root / "noflr", [SimPf(PF, "ens3f0np0", numvfs=1, vf_flr=False)]).build()
+    k2 = SimKernel(other)
+    vf2 = other.vf_address(PF, 0)
+    assert not (other.device_dir(vf2) / "reset").exists()  # no reset method: no attribute
+    assert _errno(k2, f"bus/pci/devices/{vf2}/reset", "1") == errno.ENOENT
+    assert k2.resets == []

@@ -103,6 +103,7 @@ async def serving(sysfs_root: Path | str, config: str) -> AsyncIterator[Served]:
     settings = Settings(config=str(cfg), sysfs_root=str(sysfs_root), dev_root="/",
                         device_plugin_dir=str(work / "dp"), devinfo_dir=str(work / "devinfo"),
                         pod_resources_socket=str(work / "pod-resources" / "kubelet.sock"),
+                        state_dir=str(work / "state"),
                         metrics_address=metrics, health_address=f"127.0.0.1:{free_port()}",
                         node_name="vm-node")
     (work / "dp").mkdir()
