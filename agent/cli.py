@@ -83,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                              f"[env {env_name('--health-address')}; default {DEFAULT_HEALTH_ADDRESS!r}]")
     status.add_argument("--json", action="store_true", help="print the raw status document")
 
-    doctor = sub.add_parser("doctor", help="check this node for RDMA pods and say how to fix it (Talos "
-                                           "machine-config snippets); exit 0 all well, 1 problems, 2 cannot check")
+    doctor = sub.add_parser(
+        "doctor", help="check this node for RDMA pods and say how to fix it (Talos machine-config snippets); "
+                       "exit 0 all well, 1 problems, 2 cannot check")
     _add_settings_flags(doctor, Settings())
     doctor.add_argument("--json", action="store_true", help="print the checks as a JSON document")
     return p

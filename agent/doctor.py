@@ -63,8 +63,9 @@ def is_real_sysfs(sysfs_root: str, mountinfo: str | None = None) -> bool:
     return m is not None and m.fstype == "sysfs"
 
 
-def gather(settings: Settings, config: Config, *, real_root: bool | None = None,
-           eswitch: EswitchReader | None = None) -> NodeFacts:
+def gather(
+    settings: Settings, config: Config, *, real_root: bool | None = None, eswitch: EswitchReader | None = None
+) -> NodeFacts:
     """The snapshot. ``real_root`` None: decided from the mount table. ``eswitch`` reads a PF's devlink
     eswitch mode (default on the real root: devlink over pyroute2; on a simulated root: not asked)."""
     real = is_real_sysfs(settings.sysfs_root) if real_root is None else real_root
@@ -82,21 +83,39 @@ def gather(settings: Settings, config: Config, *, real_root: bool | None = None,
             problems.append(f"{m.resource.resource_name}: PF {m.pci_address}: cannot read: {e}")
             continue
         mode, asked = _eswitch(eswitch, m.pci_address)
-        dev_nodes = {f"/dev/infiniband/{vf.rdma.uverbs}": host.dev_path_exists(f"/dev/infiniband/{vf.rdma.uverbs}")
-                     for vf in info.vfs if vf.rdma and vf.rdma.uverbs}
-        pfs.append(PfFacts(
-            resource=m.resource, config=m.pf, info=info, eswitch_mode=mode, eswitch_checked=asked,
-            gid_types=tuple(host.gid_types(info.rdma.name)) if info.rdma else (),
-            vf_iommu_groups={vf.pci_address: host.iommu_group(vf.pci_address) for vf in info.vfs},
-            dev_nodes=dev_nodes))
+        dev_nodes = {
+            f"/dev/infiniband/{vf.rdma.uverbs}": host.dev_path_exists(f"/dev/infiniband/{vf.rdma.uverbs}")
+            for vf in info.vfs
+            if vf.rdma and vf.rdma.uverbs
+        }
+        pfs.append(
+            PfFacts(
+                resource=m.resource,
+                config=m.pf,
+                info=info,
+                eswitch_mode=mode,
+                eswitch_checked=asked,
+                gid_types=tuple(host.gid_types(info.rdma.name)) if info.rdma else (),
+                vf_iommu_groups={vf.pci_address: host.iommu_group(vf.pci_address) for vf in info.vfs},
+                dev_nodes=dev_nodes,
+            )
+        )
     agent, pod_resources = asyncio.run(_ask_services(settings))
     return NodeFacts(
-        config=config, sysfs_root=settings.sysfs_root, dev_root=settings.dev_root, real_root=real,
-        pf_problems=tuple(problems), pfs=tuple(pfs),
+        config=config,
+        sysfs_root=settings.sysfs_root,
+        dev_root=settings.dev_root,
+        real_root=real,
+        pf_problems=tuple(problems),
+        pfs=tuple(pfs),
         modules={name: host.module_state(name, marker) for name, marker in BUILTIN_MARKERS.items()},
-        iommus=tuple(host.iommus()), iommu_groups=len(host.iommu_groups()),
-        netns=_netns(host, real), agent=agent, kube=_kube(settings, config, pod_resources),
-        talos=_talos(settings, real))
+        iommus=tuple(host.iommus()),
+        iommu_groups=len(host.iommu_groups()),
+        netns=_netns(host, real),
+        agent=agent,
+        kube=_kube(settings, config, pod_resources),
+        talos=_talos(settings, real),
+    )
 
 
 def _eswitch(reader: EswitchReader | None, address: str) -> tuple[str | None, bool]:
@@ -114,9 +133,14 @@ def _netns(host: SysfsHost, real: bool) -> NetnsFacts:
     if not real:
         where = f"{host.sys}/module/ib_core/parameters/netns_mode"
         if from_param is None:
-            return NetnsFacts(None, f"not checked: simulated --sysfs-root and no {where} "
-                                    "(RDMA netlink answers only for the real kernel)")
-        return NetnsFacts(from_param, f"{where}, simulated root (RDMA netlink answers only for the real kernel)")
+            return NetnsFacts(
+                None,
+                f"not checked: simulated --sysfs-root and no {where} "
+                "(RDMA netlink answers only for the real kernel)",
+            )
+        return NetnsFacts(
+            from_param, f"{where}, simulated root (RDMA netlink answers only for the real kernel)"
+        )
     try:
         mode = rdma_netlink.netns_mode()
     except rdma_netlink.RdmaNetlinkError as e:
@@ -149,7 +173,8 @@ async def _ask_agent(address: str) -> AgentFacts:
     try:
         async with grpc.aio.insecure_channel(target) as channel:
             resp = await health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=DEVICEPLUGIN), timeout=3)
+                health_pb2.HealthCheckRequest(service=DEVICEPLUGIN), timeout=3
+            )
     except grpc.aio.AioRpcError as e:
         return AgentFacts(address=target, error=f"{e.code().name}: {e.details()}")
     serving = resp.status == health_pb2.HealthCheckResponse.SERVING
@@ -161,11 +186,14 @@ async def _ask_agent(address: str) -> AgentFacts:
     for vf in doc.get("vfs", []):
         advertised.setdefault(vf["resource"], []).append(vf["vf"])
     return AgentFacts(
-        address=target, reachable=True, deviceplugin_serving=serving,
+        address=target,
+        reachable=True,
+        deviceplugin_serving=serving,
         reason=doc.get("health", {}).get(DEVICEPLUGIN, {}).get("reason", ""),
         registered=dict(doc.get("registered", {})),
         advertised={r: tuple(ids) for r, ids in advertised.items()},
-        allocated=frozenset(vf["vf"] for vf in doc.get("vfs", []) if vf.get("allocated")))
+        allocated=frozenset(vf["vf"] for vf in doc.get("vfs", []) if vf.get("allocated")),
+    )
 
 
 def _kube(settings: Settings, config: Config, pod_resources: tuple[str, int]) -> KubeFacts:
@@ -186,10 +214,17 @@ def _kube(settings: Settings, config: Config, pod_resources: tuple[str, int]) ->
             except OSError as e:
                 files[name] = f"unreadable: {e.strerror}"
     return KubeFacts(
-        device_plugin_dir=settings.device_plugin_dir, kubelet_socket=sock, kubelet_socket_state=state,
-        devinfo_dir=settings.devinfo_dir, devinfo_writable=writable, devinfo_error=error,
-        pod_resources_socket=settings.pod_resources_socket, pod_resources_error=pr_error, pod_devices=held,
-        devinfo_files=files)
+        device_plugin_dir=settings.device_plugin_dir,
+        kubelet_socket=sock,
+        kubelet_socket_state=state,
+        devinfo_dir=settings.devinfo_dir,
+        devinfo_writable=writable,
+        devinfo_error=error,
+        pod_resources_socket=settings.pod_resources_socket,
+        pod_resources_error=pr_error,
+        pod_devices=held,
+        devinfo_files=files,
+    )
 
 
 def _writable_dir(d: Path) -> tuple[bool, str]:
@@ -213,21 +248,34 @@ def _talos(settings: Settings, real: bool) -> TalosFacts:
     if real and etc.is_dir():
         m = mount_of(str(etc))
         ro = (m is not None and m.read_only) or not os.access(etc, os.W_OK)
-    return TalosFacts(real_root=real, etc_path=str(etc), etc_read_only=ro,
-                      kernel_release=kernel_release() if real else None,
-                      write_paths={"--device-plugin-dir": settings.device_plugin_dir,
-                                   "--devinfo-dir": settings.devinfo_dir})
+    return TalosFacts(
+        real_root=real,
+        etc_path=str(etc),
+        etc_read_only=ro,
+        kernel_release=kernel_release() if real else None,
+        write_paths={
+            "--device-plugin-dir": settings.device_plugin_dir,
+            "--devinfo-dir": settings.devinfo_dir,
+        },
+    )
 
 
-def run_doctor(settings: Settings, as_json: bool = False, *, real_root: bool | None = None,
-               eswitch: EswitchReader | None = None) -> tuple[int, str]:
+def run_doctor(
+    settings: Settings,
+    as_json: bool = False,
+    *,
+    real_root: bool | None = None,
+    eswitch: EswitchReader | None = None,
+) -> tuple[int, str]:
     """(exit code, what to print). Exit 2 when the node could not be checked at all."""
     try:
         config = load_config(settings.config)
     except AgentError as e:
         return EXIT_CANNOT_CHECK, _cannot(str(e), as_json)
     if not (Path(settings.sysfs_root) / "sys").is_dir():
-        return EXIT_CANNOT_CHECK, _cannot(f"--sysfs-root {settings.sysfs_root}: no sys/ directory there", as_json)
+        return EXIT_CANNOT_CHECK, _cannot(
+            f"--sysfs-root {settings.sysfs_root}: no sys/ directory there", as_json
+        )
     checks = run_checks(gather(settings, config, real_root=real_root, eswitch=eswitch))
     if as_json:
         return exit_code(checks), json.dumps(document(checks), indent=2)

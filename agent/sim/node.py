@@ -114,7 +114,8 @@ class SimNode:
         (self.sys / "bus/pci/devices").mkdir(parents=True, exist_ok=True)
         # A class directory exists once the module that registers it is loaded (ib_core: infiniband).
         classes = {"net": True, "infiniband": "ib_core" in self.modules,
-                   "infiniband_verbs": "ib_uverbs" in self.modules, "infiniband_mad": "ib_umad" in self.modules}
+                   "infiniband_verbs": "ib_uverbs" in self.modules,
+                   "infiniband_mad": "ib_umad" in self.modules}
         for sub, present in classes.items():
             if present:
                 (self.sys / "class" / sub).mkdir(parents=True, exist_ok=True)

@@ -66,7 +66,7 @@ BAD = [
     ("mtu too small", _pf("mtu: 10"), f"{P}.mtu", 10),
     ("vfDriver with a path", _pf("vfDriver: ../x"), f"{P}.vfDriver", "../x"),
     ("rdma not a bool", _cfg(extra="    rdma: 1\n"), "resources[0].rdma", 1),
-    ("ncclHints not a bool", _cfg(extra="    ncclHints: yes please\n"), "resources[0].ncclHints", "yes please"),
+    ("ncclHints not a bool", _cfg(extra="    ncclHints: maybe\n"), "resources[0].ncclHints", "maybe"),
     ("ncclHints without rdma", _cfg(extra="    rdma: false\n    ncclHints: true\n"),
      "resources[0].ncclHints", True),
     ("pf entry not a mapping", "resources:\n  - resourceName: a.com/b\n    pfs: [enp1]\n", P, "enp1"),
