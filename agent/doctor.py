@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agent.adapters import rdma_netlink
 from agent.adapters.health_server import DEVICEPLUGIN, fetch_status
-from agent.adapters.hostinfo import kernel_release, mount_of
+from agent.adapters.hostinfo import is_real_sysfs, kernel_release, mount_of
 from agent.adapters.netlink_vf import PyrouteVfNetlink
 from agent.adapters.podresources import PodResourcesClient
 from agent.adapters.sysfs import SysfsHost
@@ -55,12 +55,6 @@ BUILTIN_MARKERS = {
 }
 
 EswitchReader = Callable[[str], "str | None"]
-
-
-def is_real_sysfs(sysfs_root: str, mountinfo: str | None = None) -> bool:
-    """Is <root>/sys the kernel's own sysfs (a mount of type sysfs), not a drawn tree?"""
-    m = mount_of(os.path.join(sysfs_root, "sys"), mountinfo)
-    return m is not None and m.fstype == "sysfs"
 
 
 def gather(
@@ -108,7 +102,9 @@ def gather(
         real_root=real,
         pf_problems=tuple(problems),
         pfs=tuple(pfs),
-        modules={name: host.module_state(name, marker) for name, marker in BUILTIN_MARKERS.items()},
+        modules={name: host.module_state(name, marker) for name, marker in BUILTIN_MARKERS.items()}
+        if (host.sys / "module").is_dir()
+        else None,
         iommus=tuple(host.iommus()),
         iommu_groups=len(host.iommu_groups()),
         netns=_netns(host, real),

@@ -60,6 +60,13 @@ def mount_of(path: str, mountinfo: str | None = None) -> Mount | None:
     return best
 
 
+def is_real_sysfs(sysfs_root: str, mountinfo: str | None = None) -> bool:
+    """Is <root>/sys the kernel's own sysfs (a mount of type sysfs: "/" on a node, "/host" in the pod),
+    not a drawn tree?"""
+    m = mount_of(os.path.join(sysfs_root, "sys"), mountinfo)
+    return m is not None and m.fstype == "sysfs"
+
+
 def kernel_release() -> str | None:
     try:
         with open("/proc/sys/kernel/osrelease") as f:

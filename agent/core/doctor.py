@@ -115,7 +115,7 @@ class NodeFacts:
     real_root: bool
     pf_problems: tuple[str, ...]  # configured PFs not found (or unreadable), one sentence each
     pfs: tuple[PfFacts, ...]
-    modules: Mapping[str, str | None]  # name -> "module" / "builtin" / None (not loaded)
+    modules: Mapping[str, str | None] | None  # name -> "module"/"builtin"/None; None: no sys/module to read
     iommus: tuple[str, ...]
     iommu_groups: int
     netns: NetnsFacts
@@ -374,6 +374,15 @@ _MODULE_ROLE = {
 def check_modules(f: NodeFacts) -> list[Check]:
     out = []
     want = expected_modules(f)
+    if f.modules is None:
+        return [
+            Check(
+                "Modules",
+                "kernel modules",
+                Status.SKIP,
+                f"not checked: no sys/module under --sysfs-root {f.sysfs_root} (a drawn tree)",
+            )
+        ]
     if not want:
         return [
             Check("Modules", "kernel modules", Status.SKIP, "no Mellanox PF and no RDMA resource configured")
@@ -456,15 +465,24 @@ def _vf_rdma(f: NodeFacts, p: PfFacts) -> Check:
             "VF RDMA devices",
             Status.FAIL,
             f"{_pf_name(pf)}: {'; '.join(bad)}{pod_note}",
-            "no RDMA device: mlx5_ib must be loaded (and devlink param enable_rdma true); no uverbs: "
-            "ib_uverbs must be loaded; a missing /dev node: mount the host's /dev at --dev-root",
-            talos_modules("mlx5_ib", "ib_uverbs"),
+            f"{_no_rdma_remedy(pf)}; no uverbs: ib_uverbs must be loaded; a missing /dev node: mount the "
+            "host's /dev at --dev-root",
+            talos_modules("mlx5_ib", "ib_uverbs") if pf.vendor == MLX_VENDOR else talos_modules("ib_uverbs"),
         )
     return Check(
         "RDMA",
         "VF RDMA devices",
         Status.PASS,
         f"{_pf_name(pf)}: {len(ok)} VFs with RDMA device and uverbs node ({', '.join(ok)}){pod_note}",
+    )
+
+
+def _no_rdma_remedy(pf: PfInfo) -> str:
+    if pf.vendor == MLX_VENDOR:
+        return "no RDMA device: mlx5_ib must be loaded (and devlink param enable_rdma true)"
+    return (
+        f"no RDMA device: {pf.driver or 'this PF'} ({pf.vendor}:{pf.device}) is not an RDMA NIC driver; "
+        "set rdma: false on this resource, or use an RDMA-capable NIC"
     )
 
 
@@ -524,8 +542,8 @@ def _roce_v2(p: PfFacts) -> Check:
             "RoCE v2 GID",
             Status.FAIL,
             f"{_pf_name(pf)}: the PF has no RDMA device",
-            "load mlx5_ib",
-            talos_modules("mlx5_ib"),
+            _no_rdma_remedy(pf),
+            talos_modules("mlx5_ib") if pf.vendor == MLX_VENDOR else "",
         )
     v2 = [t for t in p.gid_types if t == "RoCE v2"]
     if not v2:
@@ -556,8 +574,8 @@ def _port_active(p: PfFacts) -> Check:
             "port ACTIVE",
             Status.FAIL,
             f"{_pf_name(pf)}: no RDMA port to check",
-            "load mlx5_ib",
-            talos_modules("mlx5_ib"),
+            _no_rdma_remedy(pf),
+            talos_modules("mlx5_ib") if pf.vendor == MLX_VENDOR else "",
         )
     desc = (
         f"{_pf_name(pf)} {pf.rdma.name} port {port.number}: {port.state}: {port.state_name}, "

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from agent.adapters import rdma_netlink as rn
-from agent.adapters.hostinfo import mount_of, parse_mountinfo
-from agent.doctor import is_real_sysfs
+from agent.adapters.hostinfo import is_real_sysfs, mount_of, parse_mountinfo
 
 
 def _reply(seq: int, mode: int) -> bytes:
@@ -78,3 +77,4 @@ def test_real_sysfs_is_told_from_a_drawn_tree(tmp_path: Path) -> None:
     (tmp_path / "sys").mkdir()
     assert is_real_sysfs("/")
     assert not is_real_sysfs(str(tmp_path))
+    assert is_real_sysfs("/host", MOUNTINFO)  # the DaemonSet's --sysfs-root

@@ -4,6 +4,7 @@ failing form (a variant of the node, or of the config, that breaks exactly that 
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 import pytest
@@ -275,3 +276,11 @@ def test_talos_detected_on_the_real_root(facts: NodeFacts) -> None:
     elsewhere = dataclasses.replace(talos, write_paths={"--devinfo-dir": "/etc/devinfo"})
     bad = one(run_checks(dataclasses.replace(facts, talos=elsewhere)), "read-only /etc")
     assert bad.status is Status.FAIL
+
+
+def test_modules_on_a_tree_without_sys_module_are_not_guessed(sim_node: SimNode) -> None:
+    shutil.rmtree(sim_node.sys / "module")
+    checks = doctor(sim_node)
+    skip = one(checks, "kernel modules")
+    assert skip.status is Status.SKIP and "no sys/module" in skip.evidence
+    assert not [c for c in checks if c.area == "Modules" and c.name != "kernel modules"]
