@@ -9,7 +9,9 @@ import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agent.app import build_agent
 from agent.cli import main
@@ -43,6 +45,18 @@ def flags(s: Settings) -> list[str]:
     ]
 
 
+async def deviceplugin_serving(address: str, timeout: float = 10) -> None:
+    """Until the agent's health service "deviceplugin" says SERVING (the grpc Watch stream, no polling)."""
+    async with asyncio.timeout(timeout), grpc.aio.insecure_channel(address) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service="deviceplugin")
+        )
+        async for reply in watch:
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                watch.cancel()
+                return
+
+
 @contextlib.asynccontextmanager
 async def node_with_agent(
     node: SimNode, config: str
@@ -60,10 +74,7 @@ async def node_with_agent(
     runner = asyncio.create_task(agent.run())
     try:
         await kubelet.wait_for(lambda: bool(kubelet.devices(RESOURCE)), timeout=10)
-        assert agent.health is not None
-        await kubelet.wait_for(
-            lambda: agent.health is not None and agent.health.components["deviceplugin"][0], timeout=10
-        )
+        await deviceplugin_serving(settings.health_address)
         yield settings, kubelet, pods
     finally:
         await agent.shutdown()
