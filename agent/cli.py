@@ -16,6 +16,7 @@ from agent import __version__
 from agent.adapters.health_server import fetch_status
 from agent.app import build_agent, load_config
 from agent.demo import run_demo
+from agent.doctor import run_doctor
 from agent.errors import AgentError
 from agent.lifecycle import print_dry_run
 from agent.logs import ctx, setup_logging
@@ -82,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the agent's --health-address (0.0.0.0 is asked on 127.0.0.1) "
                              f"[env {env_name('--health-address')}; default {DEFAULT_HEALTH_ADDRESS!r}]")
     status.add_argument("--json", action="store_true", help="print the raw status document")
+
+    doctor = sub.add_parser(
+        "doctor", help="check this node for RDMA pods and say how to fix it (Talos machine-config snippets); "
+                       "exit 0 all well, 1 problems, 2 cannot check")
+    _add_settings_flags(doctor, Settings())
+    doctor.add_argument("--json", action="store_true", help="print the checks as a JSON document")
     return p
 
 
@@ -93,6 +100,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         health_address=args.health_address)
     if args.command == "status":
         return show_status(args.address, args.json)
+    if args.command == "doctor":
+        code, text = run_doctor(settings_from_args(args), args.json)
+        print(text)
+        return code
     if args.command == "serve":
         settings = settings_from_args(args)
         setup_logging(settings.log_format, settings.log_level)

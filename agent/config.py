@@ -93,6 +93,7 @@ class ResourceConfig:
     resource_name: str
     pfs: tuple[PfConfig, ...]
     rdma: bool = True  # devices need an RDMA device to be healthy and get /dev/infiniband specs
+    nccl_hints: bool = False  # Allocate also sets NCCL_IB_HCA to the allocated VFs' RDMA devices
 
     @property
     def socket_name(self) -> str:
@@ -204,7 +205,7 @@ def _lifecycle(raw: object) -> LifecycleTimeouts:
 
 
 def _resource(raw: object, path: str) -> ResourceConfig:
-    m = _mapping(raw, path, allowed={"resourceName", "pfs", "rdma"})
+    m = _mapping(raw, path, allowed={"resourceName", "pfs", "rdma", "ncclHints"})
     name = m.get("resourceName")
     _check_resource_name(name, f"{path}.resourceName")
     assert isinstance(name, str)
@@ -213,7 +214,11 @@ def _resource(raw: object, path: str) -> ResourceConfig:
         raise ConfigError(f"{path}.pfs", pfs_raw, "must be a non-empty list of PFs")
     pfs = tuple(_pf(p, f"{path}.pfs[{j}]") for j, p in enumerate(pfs_raw))
     rdma = _opt_bool(m, "rdma", path)
-    return ResourceConfig(resource_name=name, pfs=pfs, rdma=True if rdma is None else rdma)
+    nccl_hints = _opt_bool(m, "ncclHints", path) or False
+    if nccl_hints and rdma is False:
+        raise ConfigError(f"{path}.ncclHints", nccl_hints, "needs rdma: the hints name the VFs' RDMA devices")
+    return ResourceConfig(resource_name=name, pfs=pfs, rdma=True if rdma is None else rdma,
+                          nccl_hints=nccl_hints)
 
 
 _PF_KEYS = {

@@ -161,6 +161,38 @@ class SysfsHost:
         """The named files of /sys/class/net/<ifname>/statistics (empty when the netdev is not here)."""
         return _int_files(self.sys / "class/net" / ifname / "statistics", names)
 
+    def gid_types(self, rdma: str, port: int = 1) -> list[str]:
+        """ports/<port>/gid_attrs/types of an RDMA device, populated entries only ("RoCE v2", ...):
+        an empty GID slot refuses the read (EINVAL), which _read_opt turns into None."""
+        d = self.sys / "class/infiniband" / rdma / "ports" / str(port) / "gid_attrs/types"
+        names = sorted(_listdir(d), key=lambda n: int(n) if n.isdigit() else -1)
+        return [t for t in (_read_opt(d / n) for n in names) if t]
+
+    def iommu_group(self, address: str) -> str | None:
+        """The IOMMU group number of a PCI function (None: no IOMMU translates for it)."""
+        return _link_name(self.pci_dir(address) / "iommu_group")
+
+    def iommu_groups(self) -> list[str]:
+        return _listdir(self.sys / "kernel/iommu_groups")
+
+    def iommus(self) -> list[str]:
+        """Registered IOMMU units (dmar0, smmu3.0x..., ivhd0): /sys/class/iommu."""
+        return _listdir(self.sys / "class/iommu")
+
+    def module_state(self, name: str, builtin_marker: str = "") -> str | None:
+        """"module" when sys/module/<name> is a loaded module, "builtin" when it is compiled in (its
+        sysfs directory without initstate, or ``builtin_marker`` -- a path below sys/ that only exists
+        once the code is running, such as class/infiniband_verbs), None when not loaded."""
+        d = self.sys / "module" / name
+        if (d / "initstate").exists():
+            return "module" if _read_opt(d / "initstate") in ("live", "coming") else None
+        if d.is_dir() or (builtin_marker and (self.sys / builtin_marker).exists()):
+            return "builtin"
+        return None
+
+    def module_param(self, module: str, param: str) -> str | None:
+        return _read_opt(self.sys / "module" / module / "parameters" / param)
+
     def dev_path_exists(self, dev_path: str) -> bool:
         """Is /dev/<...> present on the host (checked under --dev-root)."""
         return (self.dev / dev_path.removeprefix("/dev/")).exists()

@@ -21,6 +21,7 @@ from agent.model import (
 
 DEVINFO_VERSION = "1.1.0"  # k8snetworkplumbingwg device-info-spec
 RDMA_CM = "/dev/infiniband/rdma_cm"
+NCCL_IB_HCA = "NCCL_IB_HCA"
 
 
 @dataclass(frozen=True)
@@ -54,11 +55,16 @@ def allocate(resource: ResourceConfig, ids: Sequence[str], view: ResourceView, n
     Env PCIDEVICE_<RES> lists the IDs in request order; <...>_INFO maps each to its generic and
     rdma info (keys sorted, as Go's encoding/json does); device specs cover each VF's RDMA char
     devices that exist on the host plus rdma_cm, de-duplicated by host path.
+
+    With ``ncclHints`` (off by default, so parity holds) NCCL_IB_HCA="=<rdma devs>" is added: in the
+    RDMA subsystem's shared netns mode a pod sees every HCA of the node, and NCCL's exact-match
+    syntax (leading "=") keeps it on the ones this container was given.
     """
     if not ids:
         raise AllocationError("<none>", "the request names no devices")
     known = view.by_id()
     info: dict[str, dict[str, dict[str, str]]] = {}
+    hcas: list[str] = []
     specs: dict[str, DeviceSpecOut] = {}
     devinfo: dict[str, str] = {}
     for dev_id in ids:
@@ -86,6 +92,7 @@ def allocate(resource: ResourceConfig, ids: Sequence[str], view: ResourceView, n
                     rdma_env.setdefault(key, path)
                     specs.setdefault(path, DeviceSpecOut(host_path=path, container_path=path))
             entry["rdma"] = rdma_env
+            hcas.append(vf.rdma.name)
             pci_info["rdma-device"] = vf.rdma.name
         info[dev_id] = entry
         devinfo[devinfo_file_name(resource.resource_name, dev_id)] = json.dumps(
@@ -94,6 +101,8 @@ def allocate(resource: ResourceConfig, ids: Sequence[str], view: ResourceView, n
         resource.env_name: ",".join(ids),
         resource.env_name + "_INFO": json.dumps(info, sort_keys=True, separators=(",", ":")),
     }
+    if resource.nccl_hints and hcas:
+        envs[NCCL_IB_HCA] = "=" + ",".join(dict.fromkeys(hcas))
     return ContainerAllocation(envs=envs, devices=tuple(specs.values()), devinfo=devinfo)
 
 

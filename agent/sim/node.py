@@ -20,6 +20,14 @@ MLX5_DRIVER = "mlx5_core"
 # ibv char device majors/minors as the kernel allocates them (uverbs: 231:192+N, umad: 231:N, issm: 231:64+N)
 _UVERBS_MINOR_BASE = 192
 
+# What lsmod shows on a DGX Spark with the RDMA stack loaded (Talos machine.kernel.modules), and the
+# driver each module registers on the PCI bus (sys/bus/pci/drivers/<driver>/module links back).
+RDMA_MODULES = ("mlx5_core", "mlx5_ib", "ib_core", "ib_uverbs", "ib_umad", "ib_cm", "iw_cm", "rdma_cm",
+                "rdma_ucm", "vfio_pci")
+_MODULE_DRIVERS = {"mlx5_core": MLX5_DRIVER, "vfio_pci": "vfio-pci"}
+# The arm64 DGX Spark's SMMUv3 as /sys/class/iommu names it.
+SIM_IOMMU = "smmu3.0x0000000016000000"
+
 PORT_STATES = {1: "DOWN", 2: "INIT", 3: "ARMED", 4: "ACTIVE", 5: "ACTIVE_DEFER"}
 PHYS_STATES = {1: "Sleep", 2: "Polling", 3: "Disabled", 4: "PortConfigurationTraining", 5: "LinkUp"}
 
@@ -85,7 +93,11 @@ class SimNode:
 
     root: Path
     pfs: list[SimPf] = field(default_factory=list)
+    modules: tuple[str, ...] = RDMA_MODULES  # loaded kernel modules (sys/module)
+    netns_mode: str = "shared"  # ib_core netns_mode: "shared" (Y, the default) or "exclusive" (N)
+    iommu: bool = True  # an IOMMU is on: every PCI function sits in an iommu group
     _next_rdma: int = 0
+    _next_iommu_group: int = 0
     _next_ifindex: int = 2
     _rdma_of: dict[str, str] = field(default_factory=dict)  # pci address -> mlx5_N
     _uverbs_of: dict[str, int] = field(default_factory=dict)  # pci address -> N of uverbsN
@@ -101,23 +113,56 @@ class SimNode:
     # ---------------------------------------------------------------- building
     def build(self) -> SimNode:
         (self.sys / "bus/pci/devices").mkdir(parents=True, exist_ok=True)
-        for sub in ("net", "infiniband", "infiniband_verbs", "infiniband_mad"):
-            (self.sys / "class" / sub).mkdir(parents=True, exist_ok=True)
+        # A class directory exists once the module that registers it is loaded (ib_core: infiniband).
+        classes = {"net": True, "infiniband": "ib_core" in self.modules,
+                   "infiniband_verbs": "ib_uverbs" in self.modules,
+                   "infiniband_mad": "ib_umad" in self.modules}
+        for sub, present in classes.items():
+            if present:
+                (self.sys / "class" / sub).mkdir(parents=True, exist_ok=True)
         (self.dev / "infiniband").mkdir(parents=True, exist_ok=True)
-        _write(self.dev / "infiniband/rdma_cm", "")
+        if "rdma_ucm" in self.modules:
+            _write(self.dev / "infiniband/rdma_cm", "")
+            misc = self.sys / "devices/virtual/misc/rdma_cm"
+            misc.mkdir(parents=True, exist_ok=True)
+            _write(misc / "dev", "10:58\n")
+            _symlink(self.sys / "class/misc/rdma_cm", misc)
         _write(self.sys / "bus/pci/drivers_probe", "")
         _write(self.sys / "bus/pci/drivers_autoprobe", "1\n")
-        for drv in (MLX5_DRIVER, "vfio-pci"):
+        for drv in (d for m, d in _MODULE_DRIVERS.items() if m in self.modules):
             ddir = self.sys / "bus/pci/drivers" / drv
             ddir.mkdir(parents=True, exist_ok=True)
             for f in ("bind", "unbind", "new_id", "remove_id"):
                 _write(ddir / f, "")
+        for mod in self.modules:
+            self._add_module(mod)
+        if self.iommu:
+            (self.sys / "kernel/iommu_groups").mkdir(parents=True, exist_ok=True)
+            iommu = self.sys / "devices/virtual/iommu" / SIM_IOMMU
+            iommu.mkdir(parents=True, exist_ok=True)
+            _symlink(self.sys / "class/iommu" / SIM_IOMMU, iommu)
         for pf in self.pfs:
             self._add_pf(pf)
         for pf in self.pfs:
             if pf.numvfs:
                 self.create_vfs(pf.pci_address, pf.numvfs)
         return self
+
+    def _add_module(self, name: str) -> None:
+        """sys/module/<name> as a loaded module shows it; ib_core carries the netns_mode parameter."""
+        d = self.sys / "module" / name
+        (d / "holders").mkdir(parents=True, exist_ok=True)
+        _write(d / "initstate", "live\n")
+        _write(d / "refcnt", "0\n")
+        if name == "ib_core":
+            (d / "parameters").mkdir(exist_ok=True)
+            _write(d / "parameters/netns_mode", "Y\n" if self.netns_mode == "shared" else "N\n")
+        driver = _MODULE_DRIVERS.get(name)
+        if driver is not None:
+            ddir = self.sys / "bus/pci/drivers" / driver
+            ddir.mkdir(parents=True, exist_ok=True)
+            _symlink(ddir / "module", d)
+            _symlink(d / "drivers" / f"pci:{driver}", ddir)
 
     def device_dir(self, address: str) -> Path:
         domain = address.split(":", maxsplit=1)[0]
@@ -140,7 +185,7 @@ class SimNode:
             _write(d / "sriov_drivers_autoprobe", "1\n")
         if pf.driver:
             self._add_netdev(pf.pci_address, pf.netdev, pf.link_up, pf.speed_mbps, pf.mtu)
-            if pf.rdma:
+            if pf.rdma and "mlx5_ib" in self.modules:
                 self._add_rdma(pf.pci_address, pf.netdev, pf.link_up, pf.speed_mbps)
 
     def _add_pci_function(self, address: str, vendor: str, device: str, numa: int,
@@ -156,6 +201,14 @@ class SimNode:
         _write(d / "driver_override", "(null)\n")
         _write(d / "reset", "")
         _symlink(self.sys / "bus/pci/devices" / address, d)
+        if self.iommu:
+            group = self.sys / "kernel/iommu_groups" / str(self._next_iommu_group)
+            self._next_iommu_group += 1
+            (group / "devices").mkdir(parents=True, exist_ok=True)
+            _write(group / "type", "DMA\n")
+            _symlink(group / "devices" / address, d)
+            _symlink(d / "iommu_group", group)
+            _symlink(d / "iommu", self.sys / "devices/virtual/iommu" / SIM_IOMMU)
         if driver:
             self.bind(address, driver)
         return d
@@ -213,6 +266,12 @@ class SimNode:
         os.symlink(f"../../../{address}", ib / "device")
         _symlink(self.sys / "class/infiniband" / name, ib)
         self.set_rdma_port(name, up, speed=speed)
+        if "ib_uverbs" in self.modules:
+            self._add_char_devs(d, address, name, uverbs)
+        return name
+
+    def _add_char_devs(self, d: Path, address: str, name: str, uverbs: int) -> None:
+        """uverbsN (ib_uverbs) and umadN/issmN (ib_umad), in sysfs and under dev/infiniband."""
         uv = d / "infiniband_verbs" / f"uverbs{uverbs}"
         uv.mkdir(parents=True, exist_ok=True)
         _write(uv / "ibdev", name + "\n")
@@ -220,7 +279,7 @@ class SimNode:
         _write(uv / "dev", f"231:{_UVERBS_MINOR_BASE + uverbs}\n")
         os.symlink(f"../../../{address}", uv / "device")
         _symlink(self.sys / "class/infiniband_verbs" / f"uverbs{uverbs}", uv)
-        for kind, base in (("umad", 0), ("issm", 64)):
+        for kind, base in (("umad", 0), ("issm", 64)) if "ib_umad" in self.modules else ():
             md = d / "infiniband_mad" / f"{kind}{uverbs}"
             md.mkdir(parents=True, exist_ok=True)
             _write(md / "ibdev", name + "\n")
@@ -230,7 +289,6 @@ class SimNode:
             _symlink(self.sys / "class/infiniband_mad" / f"{kind}{uverbs}", md)
             _write(self.dev / "infiniband" / f"{kind}{uverbs}", "")
         _write(self.dev / "infiniband" / f"uverbs{uverbs}", "")
-        return name
 
     # ---------------------------------------------------------------- VFs
     def vf_address(self, pf_address: str, index: int) -> str:
@@ -270,7 +328,7 @@ class SimNode:
         if driver == MLX5_DRIVER:
             name = self.vf_netdev_name(pf.pci_address, index)
             self._add_netdev(vf_address, name, pf.link_up, pf.speed_mbps, 1500)
-            if pf.rdma:
+            if pf.rdma and "mlx5_ib" in self.modules:
                 self._add_rdma(vf_address, name, pf.link_up, pf.speed_mbps)
 
     def remove_vfs(self, pf_address: str) -> None:
@@ -279,6 +337,9 @@ class SimNode:
         for link in sorted(pfd.glob("virtfn*")):
             addr = os.readlink(link).rsplit("/", 1)[-1]
             self.unprobe(addr)
+            group = self.device_dir(addr) / "iommu_group"
+            if group.is_symlink():
+                _rmtree(group.resolve())
             _rmtree(self.device_dir(addr))
             (self.sys / "bus/pci/devices" / addr).unlink()
             link.unlink()

@@ -209,6 +209,17 @@ def test_status_inside_the_pod_finds_the_agent(base: list[Obj], monkeypatch: pyt
     assert build_parser().parse_args(["status"]).address == s.health_address
 
 
+def test_doctor_inside_the_pod_checks_the_host_the_agent_manages(base: list[Obj],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """`kubectl exec <pod> -- sriov-rdma-agent doctor` (no flags) sees the same host paths as `serve`."""
+    s = container_settings(base, monkeypatch)
+    assert (s.sysfs_root, s.dev_root) == ("/host", "/host")
+    d = settings_from_args(build_parser().parse_args(["doctor"]))
+    for name in ("config", "sysfs_root", "dev_root", "device_plugin_dir", "devinfo_dir",
+                 "pod_resources_socket", "health_address"):
+        assert getattr(d, name) == getattr(s, name), name
+
+
 def test_every_env_var_names_a_flag(base: list[Obj]) -> None:
     known = {env_name("--" + f.name.replace("_", "-")) for f in fields(Settings)}
     for env in agent_container(base)["env"]:

@@ -36,7 +36,7 @@ ADDRESS_FLAGS = ("--metrics-address", "--health-address")
 
 def container_view(base: list[Obj], root: Path) -> tuple[list[str], dict[str, str], dict[int, int]]:
     """Lay out the pod's filesystem under ``root``; return its re-rooted args, its env with free ports
-    (and a node name for spec.nodeName), and the port swaps."""
+    and re-rooted paths (and a node name for spec.nodeName), and the port swaps."""
     args = []
     for arg in agent_container(base)["args"]:
         flag, _, value = arg.partition("=")
@@ -50,6 +50,8 @@ def container_view(base: list[Obj], root: Path) -> tuple[list[str], dict[str, st
             host, _, port = value.rpartition(":")
             ports[int(port)] = free_port()
             value = f"{host}:{ports[int(port)]}"
+        if e["name"] in {env_name(f) for f in PATH_FLAGS}:
+            value = f"{root}{value}"
         env[e["name"]] = value
     config_volume = next(v for v in pod_spec(base)["volumes"] if "configMap" in v)
     mounts = agent_container(base)["volumeMounts"]
@@ -91,7 +93,8 @@ def health_status(port: int, service: str) -> int:
 def test_daemonset_command_line_serves_the_configured_vfs(base: list[Obj], sim_root: Path) -> None:
     container_root = sim_root  # short path on tmpfs: unix socket paths are capped at 107 bytes
     args, env, ports = container_view(base, container_root)
-    host = Path(next(a for a in args if a.startswith("--sysfs-root=")).partition("=")[2])
+    given = [a.partition("=")[2] for a in args if a.startswith("--sysfs-root=")]
+    host = Path(given[0] if given else env[env_name("--sysfs-root")])
     dgx_spark(host)
     (container_root / "var/lib/kubelet/device-plugins").mkdir(parents=True)
     container = agent_container(base)

@@ -66,6 +66,9 @@ BAD = [
     ("mtu too small", _pf("mtu: 10"), f"{P}.mtu", 10),
     ("vfDriver with a path", _pf("vfDriver: ../x"), f"{P}.vfDriver", "../x"),
     ("rdma not a bool", _cfg(extra="    rdma: 1\n"), "resources[0].rdma", 1),
+    ("ncclHints not a bool", _cfg(extra="    ncclHints: maybe\n"), "resources[0].ncclHints", "maybe"),
+    ("ncclHints without rdma", _cfg(extra="    rdma: false\n    ncclHints: true\n"),
+     "resources[0].ncclHints", True),
     ("pf entry not a mapping", "resources:\n  - resourceName: a.com/b\n    pfs: [enp1]\n", P, "enp1"),
     ("duplicate resource", "resources:\n"
      "  - {resourceName: a.com/b, pfs: [{pfName: x, numVfs: 1}]}\n"
@@ -105,6 +108,7 @@ def test_canonical_config_parses_to_the_documented_values() -> None:
     assert [p.selector.describe() for p in qsfp.pfs] == ["pfName=enP2p1s0f0np0", "pciAddress=0002:01:00.1"]
     assert (qsfp.pfs[1].num_vfs, qsfp.pfs[1].vf.vlan, qsfp.pfs[1].vf.qos) == (2, 100, 3)
     assert qsfp.rdma and not allcx7.rdma
+    assert not qsfp.nccl_hints and not allcx7.nccl_hints  # off unless asked for: parity by default
     assert allcx7.pfs[0].selector.describe() == "vendor=15b3,device=1021"
     assert allcx7.pfs[0].num_vfs is None and allcx7.pfs[0].externally_managed
 

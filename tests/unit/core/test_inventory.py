@@ -147,3 +147,24 @@ def test_preferred_ignores_ids_it_does_not_know_and_never_exceeds_size() -> None
     assert preferred_allocation(["zz", "c1", "c2"], [], 2, VIEW) == ["c1", "c2"]
     assert preferred_allocation(ALL, ["a1", "a2", "a3"], 2, VIEW) == ["a1", "a2"]
     assert preferred_allocation(ALL, [], 0, VIEW) == []
+
+
+NCCL_RES = parse_config(CX7_CONFIG.replace("    pfs:", "    ncclHints: true\n    pfs:")).resources[0]
+
+
+def test_nccl_hints_name_exactly_the_allocated_rdma_devices_in_request_order(sim_node: SimNode) -> None:
+    view, state, host = _state(sim_node)
+    ids = ["0002:01:00.4", "0002:01:00.2"]
+    out = allocate(NCCL_RES, ids, view, state, host.dev_path_exists)
+    want = ",".join(sim_node.rdma_name(i) for i in ids)
+    assert out.envs["NCCL_IB_HCA"] == "=" + want  # the env line reads NCCL_IB_HCA==mlx5_6,mlx5_4
+    # Everything the community plugin sends is unchanged by the hint.
+    plain = allocate(RES, ids, view, state, host.dev_path_exists)
+    assert {k: v for k, v in out.envs.items() if k != "NCCL_IB_HCA"} == plain.envs
+    assert out.devices == plain.devices and out.devinfo == plain.devinfo
+
+
+def test_nccl_hints_are_off_by_default(sim_node: SimNode) -> None:
+    view, state, host = _state(sim_node)
+    out = allocate(RES, ["0002:01:00.2"], view, state, host.dev_path_exists)
+    assert "NCCL_IB_HCA" not in out.envs

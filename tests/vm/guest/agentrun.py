@@ -41,6 +41,7 @@ class Served:
     pods: FakePodResources
     config_path: Path
     metrics_url: str
+    settings: Settings
 
     def write_config(self, text: str) -> None:
         """Replace the config file atomically, as a ConfigMap update does (the agent reloads it)."""
@@ -118,7 +119,7 @@ async def serving(sysfs_root: Path | str, config: str) -> AsyncIterator[Served]:
         await kubelet.wait_for(lambda: RESOURCE in kubelet.endpoints or agent.done(), timeout=60)
         if agent.done():
             raise AssertionError(f"agent exited at start: {agent.result()}")
-        yield Served(kubelet, pods, cfg, f"http://{metrics}/metrics")
+        yield Served(kubelet, pods, cfg, f"http://{metrics}/metrics", settings)
     finally:
         if not agent.done():
             if real_root:
