@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pyroute2 import netns as pr_netns
 
 from agent.demo import demo_settings
 from agent.settings import Settings
@@ -105,11 +104,15 @@ class Serve:
 
     def metrics(self) -> str:
         """GET /metrics (from inside the agent's network namespace when it has one)."""
-        if self.netns:
-            sock = pr_netns.create_socket(self.netns, socket.AF_INET, socket.SOCK_STREAM)
-        else:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        with sock:
+        if self.netns:  # a helper process: forking this one (pyroute2's way) is unsafe with grpc threads
+            code = ("import sys, urllib.request as u; sys.stdout.write(u.urlopen("
+                    f"'http://127.0.0.1:{self.metrics_port}/metrics', timeout=10).read().decode())")
+            out = subprocess.run(["ip", "netns", "exec", self.netns, sys.executable, "-c", code],
+                                 check=False, capture_output=True, text=True, timeout=30)
+            if out.returncode != 0:
+                raise ConnectionError(out.stderr[-500:])
+            return out.stdout
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.settimeout(10)
             sock.connect(("127.0.0.1", self.metrics_port))
             sock.sendall(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
