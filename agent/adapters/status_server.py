@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -48,11 +49,13 @@ class StatusServer:
         self._server: grpc.aio.Server | None = None
 
     async def start(self) -> None:
-        """Serve. The directory is made (0700) if missing; a socket left by an earlier run of this
-        agent is replaced (the node lock guarantees no live agent owns it)."""
+        """Serve. The directory is made (0700) if missing; a socket left by an earlier run is
+        replaced, one that a live process still answers on is not."""
         path = self.socket_path
         if len(os.fsencode(path)) > MAX_SOCKET_PATH:
             raise ListenError(FLAG, path, f"a unix socket path holds at most {MAX_SOCKET_PATH} bytes")
+        if _answers(path):
+            raise ListenError(FLAG, path, "another process serves on it")
         try:
             os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
             if os.path.lexists(path):
@@ -81,6 +84,15 @@ class StatusServer:
 
     async def _status(self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         return json.dumps(await self.status_fn()).encode()
+
+
+def _answers(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+    return True
 
 
 async def fetch_status(socket_path: str, timeout: float = 5.0) -> dict[str, Any]:

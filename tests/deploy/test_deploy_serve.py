@@ -50,6 +50,8 @@ def container_view(base: list[Obj], root: Path) -> tuple[list[str], dict[str, st
             host, _, port = value.rpartition(":")
             ports[int(port)] = free_port()
             value = f"{host}:{ports[int(port)]}"
+        elif e["name"] == env_name("--status-socket"):
+            value = f"{root}{value}"  # the pod's emptyDir, under the container root
         env[e["name"]] = value
     config_volume = next(v for v in pod_spec(base)["volumes"] if "configMap" in v)
     mounts = agent_container(base)["volumeMounts"]
