@@ -130,8 +130,8 @@ def test_1000_list_and_watch_reconnects_leave_tasks_fds_threads_flat(
         after = await serve.settled_usage(before)
         with capsys.disabled():
             print(f"\n1000 ListAndWatch reconnects: before {before}; after {after}")
-        assert after.tasks - before.tasks <= 2, (before, after)
-        assert after.fds - before.fds <= 2, (before, after)
+        assert after.tasks - before.tasks <= 5, (before, after)
+        assert after.fds - before.fds <= 3, (before, after)
         assert after.threads - before.threads <= 1, (before, after)
         assert after.rss_kib - before.rss_kib < 20 * 1024, (before, after)
         assert kubelet.endpoints[RESOURCE].stopped is False  # the kubelet's own stream was never touched
@@ -153,7 +153,7 @@ def test_5000_allocates_leave_resources_flat(spawn: Spawn, sim_node: SimNode,
         after = await serve.settled_usage(before)
         with capsys.disabled():
             print(f"\n5000 Allocates: before {before}; after {after}")
-        assert after.tasks - before.tasks <= 2 and after.fds - before.fds <= 2, (before, after)
+        assert after.tasks - before.tasks <= 5 and after.fds - before.fds <= 3, (before, after)
         assert after.threads - before.threads <= 1 and after.rss_kib - before.rss_kib < 20 * 1024
         await kubelet.stop()
 
@@ -179,7 +179,7 @@ def test_200_kubelet_restarts_leave_resources_flat(spawn: Spawn, sim_node: SimNo
         after = await serve.settled_usage(before)
         with capsys.disabled():
             print(f"\n200 kubelet restarts: before {before}; after {after}")
-        assert after.tasks - before.tasks <= 2 and after.fds - before.fds <= 2, (before, after)
+        assert after.tasks - before.tasks <= 5 and after.fds - before.fds <= 3, (before, after)
         assert after.threads - before.threads <= 1 and after.rss_kib - before.rss_kib < 20 * 1024
         await kubelet.stop()
 
