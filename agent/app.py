@@ -7,24 +7,26 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Collection, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from agent.adapters.deviceplugin import DevicePluginServer, DevicePluginServicer
-from agent.adapters.executor import VfNetlinkPort
+from agent.adapters.executor import Timeouts, VfNetlinkPort
 from agent.adapters.health_server import DEVICEPLUGIN, LIFECYCLE, MONITOR, HealthServer
 from agent.adapters.kubelet import PluginLifecycle
 from agent.adapters.metrics import AgentMetrics, MetricsServer, build_metrics
 from agent.adapters.netlink_vf import PyrouteVfNetlink
-from agent.adapters.podresources import PodResourcesClient
+from agent.adapters.podresources import CachedPodDirectory, PodResourcesClient
+from agent.adapters.status_server import StatusServer
 from agent.adapters.sysfs import SysfsHost, SysfsWriter
 from agent.config import Config, ResourceConfig, parse_config
 from agent.core.discovery import Resolution, pf_problem, resolve_pfs
 from agent.core.hygiene import fenced
 from agent.core.inventory import NodeState, allocate, build_view, preferred_allocation
 from agent.errors import AllocationError, ConfigError, SysfsError
+from agent.guard import guarded
 from agent.healthwatch import HealthWatch
 from agent.hygiene import VfHygiene
 from agent.ledger import Allocation, PodLedger
@@ -36,6 +38,10 @@ from agent.stats import Stats
 from agent.status import status_document
 
 log = logging.getLogger(__name__)
+
+# While a VF a pod holds is pinned to its old resource, ask PodResources this often whether the pod
+# let go (the API has no watch; nothing polls while no VF is pinned).
+PIN_POLL_S = 10.0
 
 
 class ViewHub:
@@ -79,6 +85,7 @@ class ResourceBackend:
         return await self.agent.hub.changed(self.resource.resource_name, after_version)
 
     def allocate(self, ids: Sequence[str]) -> ContainerAllocation:
+        """The response for one container; ``resource`` follows config reloads (its rdma flag)."""
         for dev_id in ids:  # the fence, not the view: a VF fenced an instant ago is not in a view yet
             if dev_id in self.agent.fences:
                 raise AllocationError(dev_id, self.agent.fences[dev_id])
@@ -100,6 +107,15 @@ RootTask = Callable[["Agent"], Coroutine[Any, Any, None]]
 
 
 @dataclass
+class _Plugin:
+    """One served resource: its backend, its socket's lifecycle and the task running it."""
+
+    backend: ResourceBackend
+    lifecycle: PluginLifecycle
+    task: asyncio.Task[None]
+
+
+@dataclass
 class Agent:
     settings: Settings
     config: Config
@@ -116,14 +132,26 @@ class Agent:
     metrics: AgentMetrics | None = None
     health: HealthServer | None = None
     metrics_server: MetricsServer | None = None
+    status_server: StatusServer | None = None
+    writes: bool = False  # VFs are created and configured (the host's sysfs, or a faithful writer)
+    lifecycle: Lifecycle | None = None  # VF lifecycle and config reload (SIGHUP asks it too)
     _scan_problems: list[str] = field(default_factory=list)
     health_watch: HealthWatch = field(default_factory=HealthWatch)  # link overlay, debounce, re-checks
     before_serving: list[RootTask] = field(default_factory=list)  # awaited after the first scan
     pf_listeners: list[Callable[[frozenset[str]], None]] = field(default_factory=list)  # PFs (re)appeared
     node_listeners: list[Callable[[NodeState], None]] = field(default_factory=list)  # after each re-read
     reconcile_status: dict[str, PfReconcileStatus] = field(default_factory=dict)  # by PF, last reconcile
+    plugins: dict[str, _Plugin] = field(default_factory=dict)  # by resource name, while running
+    pinned: dict[str, tuple[str, str]] = field(default_factory=dict)  # VF -> (old resource, its PF)
+    retired: dict[str, ResourceConfig] = field(default_factory=dict)  # removed, still serving a pinned VF
+    pin_poll_s: float = PIN_POLL_S
     _scan_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _run_task: asyncio.Task[None] | None = None
+    _tg: asyncio.TaskGroup | None = None
+    _releaser: asyncio.Task[None] | None = None
+    _plugin_problems: dict[str, str] = field(default_factory=dict)  # resource -> why it cannot serve
+    _monitor_problems: dict[str, str] = field(default_factory=dict)  # watcher -> why it failed
+    _moved_from: Config | None = None  # the config before a reload not yet applied by a rescan
 
     # ------------------------------------------------------------ state
     @property
@@ -140,11 +168,12 @@ class Agent:
         owners = {n: self.sysfs.netdev_pci_address(n) for n in names}
         return resolve_pfs(self.config, pci, owners)
 
-    def scan(self) -> tuple[Resolution, NodeState]:
+    def scan(self, keep: Collection[str] = ()) -> tuple[Resolution, NodeState]:
         """Read every configured PF and its VFs from sysfs (blocking file reads; fast).
 
         A PF that is missing, unreadable or cannot have VFs is a problem logged once (when it
-        first appears) and listed in the resolution; every other PF is still served.
+        first appears) and listed in the resolution; every other PF is still served. PFs in
+        ``keep`` (holding a VF a pod still uses) are read even when the config dropped them.
         """
         res = self.resolve()
         pfs: dict[str, PfInfo] = {}
@@ -159,6 +188,9 @@ class Agent:
             problem = pf_problem(m, pf)
             if problem is not None:
                 problems.append(problem)
+        for address in sorted(set(keep) - pfs.keys()):
+            with contextlib.suppress(SysfsError):
+                pfs[address] = self.sysfs.read_pf(address)
         for problem in problems:
             if problem not in self.resolution.problems:
                 log.error("%s", problem, extra=ctx("discover"))
@@ -169,10 +201,16 @@ class Agent:
 
         The sysfs walk runs in a worker thread so link events keep reaching the kubelet while it
         runs; netlink's link state is laid over the result again when it is published, so a flip
-        that happened during the walk is not undone by it.
+        that happened during the walk is not undone by it. The first rescan after a config reload
+        also applies the resource set (see set_config).
         """
         async with self._scan_lock:
-            res, node = await asyncio.to_thread(self.scan)
+            moved_from = self._moved_from
+            keep = {pf for _, pf in self.pinned.values()}
+            if moved_from is not None:
+                held = self.in_pod()
+                keep |= {d.pf_pci_address for v in self.hub.views.values() for d in v.devices if d.id in held}
+            res, node = await asyncio.to_thread(self.scan, keep)
             node = NodeState({a: self.health_watch.overlay(pf) for a, pf in node.pfs.items()})
             before = {a for a, p in self.node.pfs.items() if p.driver}
             scanned_before = bool(self.resolution.matches or self.resolution.problems)
@@ -184,7 +222,12 @@ class Agent:
             for node_listener in self.node_listeners:
                 node_listener(node)
             self._report_scan(res, node)
+            if moved_from is not None:
+                self._pin_moved(res, node, moved_from)
             await self._publish_views(res, node, reason)
+            if moved_from is not None:
+                self._moved_from = None
+                self.sync_plugins()
 
     async def refresh_links(self, reason: str) -> None:
         """Re-derive health from the node as last read, with netlink's newest link state.
@@ -198,15 +241,72 @@ class Agent:
     async def _publish_views(self, res: Resolution, node: NodeState, reason: str) -> None:
         in_pod = self.in_pod()
         self.health_watch.settle_s = self.config.health.recovery_s
-        for resource in self.config.resources:
-            pfs = [node.pfs[m.pci_address] for m in res.for_resource(resource.resource_name)
-                   if m.pci_address in node.pfs]
+        for resource in [*self.config.resources, *self.retired.values()]:
+            name = resource.resource_name
+            pfs = [node.pfs[m.pci_address] for m in res.for_resource(name) if m.pci_address in node.pfs]
+            here = {d for d, (r, _) in self.pinned.items() if r == name}
+            elsewhere = self.pinned.keys() - here
+            mine = {p.pci_address for p in pfs}
+            extra = sorted({pf for d, (_, pf) in self.pinned.items() if d in here} - mine)
+            observed = build_view(resource, [*pfs, *(node.pfs[a] for a in extra if a in node.pfs)], in_pod)
+            devices = tuple(d for d in observed.devices if d.id not in elsewhere
+                            and (d.pf_pci_address in mine or d.id in here))
             # The fence goes over the debounced view: lifting it must not wait out a recovery hold.
-            view = fenced(self.health_watch.settle(build_view(resource, pfs, in_pod), self.stats, in_pod),
+            view = fenced(self.health_watch.settle(ResourceView(name, devices), self.stats, in_pod),
                           self.fences)
-            old = self.hub.views.get(resource.resource_name)
+            old = self.hub.views.get(name)
             if await self.hub.publish(view):
                 self._log_transitions(old, view, reason)
+
+    def _pin_moved(self, res: Resolution, node: NodeState, old: Config) -> None:
+        """A VF a pod holds stays in the resource that handed it out until the pod lets go, even
+        when a reload moved its PF to another resource or removed the resource."""
+        held = self.in_pod()
+        owner = {m.pci_address: m.resource.resource_name for m in res.matches}
+        before = {r.resource_name: r for r in old.resources}
+        names = {r.resource_name for r in self.config.resources}
+        for name, view in self.hub.views.items():
+            for d in view.devices:
+                if d.id in held and d.id not in self.pinned and owner.get(d.pf_pci_address) != name \
+                        and d.pf_pci_address in node.pfs:
+                    self.pinned[d.id] = (name, d.pf_pci_address)
+                    log.info("VF held by a pod stays in %s until released", name,
+                             extra=ctx("config-reload", d.id, resource=name, pf=d.pf_pci_address))
+                    if name not in names and name in before:
+                        self.retired.setdefault(name, before[name])
+        if self.pinned and self._tg is not None and (self._releaser is None or self._releaser.done()):
+            self._releaser = self._tg.create_task(guarded("pinned VF release", self._release_pins,
+                                                          self.stats)(), name="release-pins")
+
+    async def _release_pins(self) -> None:
+        """Until every pinned VF is released: ask who holds what, and let the released ones move."""
+        while self.pinned:
+            await asyncio.sleep(self.pin_poll_s)
+            held = await self.held_devices()
+            released = [d for d in self.pinned if d not in held]
+            if not released:
+                continue
+            for d in released:
+                resource, _ = self.pinned.pop(d)
+                log.info("VF released by its pod; it leaves %s", resource,
+                         extra=ctx("config-reload", d, resource=resource))
+            still = {r for r, _ in self.pinned.values()}
+            self.retired = {n: r for n, r in self.retired.items() if n in still}
+            await self.rescan("pinned VF released")
+            self.sync_plugins()
+
+    def set_config(self, new: Config) -> None:
+        """Adopt a reloaded config; the next rescan (whoever asks for it) applies it: new resources
+        get a plugin server, removed ones lose theirs, PFs move between resources. Resources that
+        did not change keep their sockets, streams and registrations; a VF a pod holds stays where
+        it was until released."""
+        if self._moved_from is None:
+            self._moved_from = self.config
+        self.config = new
+
+    async def held_devices(self) -> frozenset[str]:
+        """VF IDs held by pods, asked of the kubelet now (the ledger: PodResources, else our record)."""
+        return await self.ledger.refresh()
 
     def _log_transitions(self, old: ResourceView | None, new: ResourceView, reason: str) -> None:
         before = old.by_id() if old else {}
@@ -244,42 +344,105 @@ class Agent:
     # ------------------------------------------------------------ running
     async def run(self, ready: asyncio.Event | None = None) -> None:
         self._run_task = asyncio.current_task()
-        await self.rescan("startup")
+        await guarded("startup scan", self.rescan, self.stats)("startup")
         for hook in self.before_serving:
             await hook(self)
-        async with asyncio.TaskGroup() as tg:
-            for resource in self.config.resources:
-                backend = ResourceBackend(self, resource)
-                on_allocate = self.metrics.allocate_observer(resource.resource_name) if self.metrics else None
-                servicer = DevicePluginServicer(resource.resource_name, backend, on_allocate=on_allocate)
-                sock = os.path.join(self.settings.device_plugin_dir, resource.socket_name)
-                lifecycle = PluginLifecycle(self.settings.device_plugin_dir, resource.resource_name,
-                                            DevicePluginServer(sock, servicer),
-                                            on_registered=self._registered_counter(resource.resource_name))
-                self.lifecycles[resource.resource_name] = lifecycle
-                tg.create_task(lifecycle.run(), name=f"plugin-{resource.resource_name}")
-            tg.create_task(self.health_watch.timer(self), name="health-timer")
-            for task in self.extra_tasks:
-                tg.create_task(self._watched(task))
-            self._report(MONITOR, True)
-            if ready is not None:
-                ready.set()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                self.sync_plugins()
+                tg.create_task(self._watched(self.health_watch.timer), name="health-timer")
+                for task in self.extra_tasks:
+                    tg.create_task(self._watched(task))
+                self._report(MONITOR, not self._monitor_problems)
+                if ready is not None:
+                    ready.set()
+        finally:
+            self._tg = None
+            self.plugins.clear()
+
+    def sync_plugins(self) -> None:
+        """Serve exactly the configured resources (and removed ones still serving a pinned VF).
+
+        A resource that stays keeps its server untouched: same socket, same ListAndWatch streams,
+        no new Register. Only its backend's config follows the reload.
+        """
+        if self._tg is None:
+            return
+        wanted = {r.resource_name: r for r in self.config.resources}
+        for name, resource in self.retired.items():
+            wanted.setdefault(name, resource)
+        for name in sorted(self.plugins.keys() - wanted.keys()):
+            plugin = self.plugins.pop(name)
+            plugin.task.cancel()  # PluginLifecycle.run stops its server and removes its socket
+            self.lifecycles.pop(name, None)
+            self.hub.views.pop(name, None)
+            self._plugin_problems.pop(name, None)
+            log.info("resource removed from the config: plugin server stopped", extra=ctx("config-reload",
+                     resource=name))
+        for name, resource in wanted.items():
+            if name in self.plugins:
+                self.plugins[name].backend.resource = resource
+            else:
+                self._start_plugin(self._tg, resource)
+        self._report_plugins()
+
+    def _start_plugin(self, tg: asyncio.TaskGroup, resource: ResourceConfig) -> None:
+        name = resource.resource_name
+        backend = ResourceBackend(self, resource)
+        on_allocate = self.metrics.allocate_observer(name) if self.metrics else None
+        servicer = DevicePluginServicer(name, backend, on_allocate=on_allocate)
+        sock = os.path.join(self.settings.device_plugin_dir, resource.socket_name)
+        lifecycle = PluginLifecycle(self.settings.device_plugin_dir, name, DevicePluginServer(sock, servicer),
+                                    on_registered=self._registered_counter(name))
+        self.lifecycles[name] = lifecycle
+
+        def problem(reason: str) -> None:
+            if reason:
+                self._plugin_problems[name] = reason
+            else:
+                self._plugin_problems.pop(name, None)
+            self._report_plugins()
+
+        # A plugin directory that cannot be created (or watched) is retried, never fatal.
+        serve = guarded(f"device plugin {name}", lifecycle.run, self.stats, report=problem)
+        self.plugins[name] = _Plugin(backend, lifecycle, tg.create_task(serve(), name=f"plugin-{name}"))
 
     def _registered_counter(self, resource: str) -> Callable[[bool], None]:
         def on_registered(ok: bool) -> None:
             if ok:
                 self.stats.inc("kubelet_registrations", resource=resource)
-            waiting = sorted(name for name, lc in self.lifecycles.items() if not lc.registered)
-            self._report(DEVICEPLUGIN, not waiting, f"not registered with the kubelet: {', '.join(waiting)}"
-                         if waiting else "")
+                self._plugin_problems.pop(resource, None)
+            self._report_plugins()
         return on_registered
 
+    def _report_plugins(self) -> None:
+        """Deviceplugin health: why a resource cannot serve, else which ones are not registered."""
+        problems = [f"{n}: {p}" for n, p in sorted(self._plugin_problems.items())]
+        waiting = sorted(name for name, lc in self.lifecycles.items() if not lc.registered)
+        if problems:
+            self._report(DEVICEPLUGIN, False, "; ".join(problems))
+        else:
+            self._report(DEVICEPLUGIN, not waiting, f"not registered with the kubelet: {', '.join(waiting)}"
+                         if waiting else "")
+
     async def _watched(self, task: RootTask) -> None:
-        """Run a root task (a watcher); the monitor component stops SERVING if it ever ends."""
+        """Run a root task (a watcher) under the guard: a failure turns the monitor component
+        NOT_SERVING with its reason until the retried watcher runs again."""
+        name = getattr(task, "__qualname__", "watcher").replace(".<locals>", "")
+
+        def problem(reason: str) -> None:
+            if reason:
+                self._monitor_problems[name] = reason
+            else:
+                self._monitor_problems.pop(name, None)
+            first = next(iter(self._monitor_problems.items()), None)
+            self._report(MONITOR, first is None, f"{first[0]}: {first[1]}" if first else "")
+
         try:
-            await task(self)
+            await guarded(name, task, self.stats, report=problem)(self)
         finally:
-            self._report(MONITOR, False, f"{getattr(task, '__name__', 'watcher')} stopped")
+            self._report(MONITOR, False, f"{name} stopped")
 
     # ------------------------------------------------------------ observability
     def _report(self, component: str, ok: bool, reason: str = "") -> None:
@@ -306,17 +469,24 @@ class Agent:
         self._report(LIFECYCLE, not problems, problems[0] if problems else "")
 
     async def status(self) -> Mapping[str, object]:
-        """The document `sriov-rdma-agent status` prints (pods from PodResources when reachable)."""
+        """The document `sriov-rdma-agent status` prints (pods from PodResources when reachable,
+        at most one List call per couple of seconds however often status is asked)."""
         owners = await self.metrics.collector.refresh_pods() if self.metrics else None
-        return status_document(self, owners)
+        doc = status_document(self, owners)
+        if self.health is not None:
+            doc["health"] = self.health.snapshot()
+        return doc
 
     async def start_observability(self) -> None:
-        """Serve metrics and grpc health before any kubelet work, so probes see NOT_SERVING first."""
+        """Serve metrics, grpc health and status before any kubelet work, so probes see NOT_SERVING first."""
         if self.metrics is not None and self.settings.metrics_address:
             self.metrics_server = MetricsServer(self.settings.metrics_address, self.metrics)
             await self.metrics_server.start()
         if self.health is not None:
             await self.health.start()
+        if self.settings.status_socket:
+            self.status_server = StatusServer(self.settings.status_socket, self.status)
+            await self.status_server.start()
 
     async def shutdown(self) -> None:
         """Health NOT_SERVING first, then stop serving and remove our sockets. VFs are never touched."""
@@ -329,6 +499,8 @@ class Agent:
                 await task
         if self.metrics_server is not None:
             await self.metrics_server.stop()
+        if self.status_server is not None:
+            await self.status_server.stop()
         if self.health is not None:
             await self.health.stop()
 
@@ -341,19 +513,42 @@ def load_config(path: str) -> Config:
     return parse_config(text)
 
 
+def writes_enabled(sysfs_root: str, mountinfo: str = "/proc/self/mountinfo") -> bool:
+    """VFs are written only into the host's real sysfs: ``--sysfs-root`` is "/", or its ``sys/``
+    is a sysfs mount (the DaemonSet mounts the host's /sys at /host/sys). A plain directory tree
+    is a simulated node: writing files there would emulate nothing."""
+    root = Path(sysfs_root).resolve()
+    if root == Path("/"):
+        return True
+    target = str(root / "sys")
+    try:
+        lines = Path(mountinfo).read_text().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        fields, _, rest = line.partition(" - ")
+        parts = fields.split()
+        if len(parts) > 4 and parts[4].replace("\\040", " ") == target and rest.split(" ", 1)[0] == "sysfs":
+            return True
+    return False
+
+
 def build_agent(settings: Settings, config: Config, writer: SysfsWriter | None = None,
-                netlink: VfNetlinkPort | None = None) -> Agent:
-    """The agent for a node. VFs are managed on the real host (sysfs root "/") and on a simulated
-    tree when a kernel-faithful ``writer`` is given; plain file writes into a simulated tree would
-    emulate nothing, so without one a simulated node is only observed."""
+                netlink: VfNetlinkPort | None = None, timeouts: Timeouts | None = None) -> Agent:
+    """The agent for a node. VFs are managed in the host's sysfs (see writes_enabled) and on a
+    simulated tree when a kernel-faithful ``writer`` is given; otherwise the node is only observed.
+    Config reload (inotify, SIGHUP) works either way, including changes to the resource set."""
     sysfs = SysfsHost(settings.sysfs_root, dev_root=settings.dev_root, writer=writer)
     agent = Agent(settings=settings, config=config, sysfs=sysfs,
                   ledger=PodLedger(PodResourcesClient(settings.pod_resources_socket)))
-    agent.metrics = build_metrics(agent, agent.stats, sysfs, pods=agent.ledger)
-    if writer is not None or Path(settings.sysfs_root).resolve() == Path("/"):
-        lifecycle = Lifecycle(agent, netlink or PyrouteVfNetlink())
-        lifecycle.install()
-        VfHygiene(agent, lifecycle.executor, lifecycle.node_name).install()
+    # Scrapes and `status` see the ledger through a short cache (a burst is one List call); the
+    # lifecycle and VF hygiene ask the ledger itself, which always asks the kubelet.
+    agent.metrics = build_metrics(agent, agent.stats, sysfs, pods=CachedPodDirectory(agent.ledger))
+    agent.writes = writer is not None or writes_enabled(settings.sysfs_root)
+    agent.lifecycle = Lifecycle(agent, netlink or PyrouteVfNetlink(), timeouts)
+    agent.lifecycle.install()
+    if agent.writes:  # a VF is reset only where the lifecycle may write
+        VfHygiene(agent, agent.lifecycle.executor, agent.lifecycle.node_name).install()
     if settings.health_address:
-        agent.health = HealthServer(settings.health_address, status=agent.status)
+        agent.health = HealthServer(settings.health_address)
     return agent

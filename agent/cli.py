@@ -13,14 +13,16 @@ from collections.abc import Sequence
 from dataclasses import fields
 
 from agent import __version__
-from agent.adapters.health_server import fetch_status
-from agent.app import build_agent, load_config
+from agent.adapters.nodelock import NodeLock, lock_name
+from agent.adapters.status_server import fetch_status
+from agent.app import Agent, build_agent, load_config
 from agent.demo import run_demo
 from agent.doctor import run_doctor
 from agent.errors import AgentError
+from agent.guard import guarded
 from agent.lifecycle import print_dry_run
 from agent.logs import ctx, setup_logging
-from agent.settings import DEFAULT_HEALTH_ADDRESS, Settings, env_name
+from agent.settings import DEFAULT_STATUS_SOCKET, Settings, env_name
 from agent.status import render
 
 log = logging.getLogger("agent")
@@ -36,6 +38,7 @@ _FLAGS: dict[str, tuple[str, str]] = {
     "--state-dir": ("state_dir", "agent-owned state kept across restarts (VFs fenced for a reset)"),
     "--metrics-address": ("metrics_address", "host:port of the Prometheus metrics endpoint"),
     "--health-address": ("health_address", "host:port of the gRPC health (grpc.health.v1) endpoint"),
+    "--status-socket": ("status_socket", "unix socket `sriov-rdma-agent status` asks (empty: off)"),
     "--log-format": ("log_format", "text or json"),
     "--log-level": ("log_level", "debug, info, warning or error"),
     "--node-name": ("node_name", "this node's name (downward API); seeds stable VF MACs"),
@@ -78,10 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--health-address", default="127.0.0.1:9809")
 
     status = sub.add_parser("status", help="print PFs, VFs, health, allocations and pods of the agent")
-    status.add_argument("--address",
-                        default=os.environ.get(env_name("--health-address"), DEFAULT_HEALTH_ADDRESS),
-                        help="the agent's --health-address (0.0.0.0 is asked on 127.0.0.1) "
-                             f"[env {env_name('--health-address')}; default {DEFAULT_HEALTH_ADDRESS!r}]")
+    status.add_argument("--status-socket", dest="status_socket",
+                        default=os.environ.get(env_name("--status-socket"), DEFAULT_STATUS_SOCKET),
+                        help="the agent's --status-socket (run it where the agent runs: kubectl exec) "
+                             f"[env {env_name('--status-socket')}; default {DEFAULT_STATUS_SOCKET!r}]")
     status.add_argument("--json", action="store_true", help="print the raw status document")
 
     doctor = sub.add_parser(
@@ -99,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_demo(once=args.once, metrics_address=args.metrics_address,
                         health_address=args.health_address)
     if args.command == "status":
-        return show_status(args.address, args.json)
+        return show_status(args.status_socket, args.json)
     if args.command == "doctor":
         code, text = run_doctor(settings_from_args(args), args.json)
         print(text)
@@ -120,15 +123,26 @@ async def serve(settings: Settings) -> int:
     agent = build_agent(settings, config)
     if settings.dry_run:
         return await print_dry_run(agent)
+    # One agent per node, decided before any socket is touched (a second one exits 2 here).
+    lock = NodeLock(lock_name(settings.device_plugin_dir))
+    lock.acquire()
+    try:
+        return await _serve(settings, agent, lock)
+    finally:
+        lock.close()
+
+
+async def _serve(settings: Settings, agent: Agent, lock: NodeLock) -> int:
+    lock.serve()
     agent.extra_tasks.extend(agent.health_watch.host_tasks())  # netlink + uevent health events
-    log.info("starting sriov-rdma-agent %s with %d resource(s)", __version__, len(config.resources),
+    log.info("starting sriov-rdma-agent %s with %d resource(s)", __version__, len(agent.config.resources),
              extra=ctx("startup", settings=settings.__dict__))
     loop = asyncio.get_running_loop()
-    main_task = asyncio.current_task()
-    assert main_task is not None
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[None]] = set()
+    loop.add_signal_handler(signal.SIGHUP, _on_sighup, agent, reloads)
     await agent.start_observability()
     runner = asyncio.create_task(agent.run())
     waiter = asyncio.create_task(stop.wait())
@@ -141,10 +155,26 @@ async def serve(settings: Settings) -> int:
     return 0
 
 
-def show_status(address: str, as_json: bool) -> int:
-    """Ask the running agent (over its health port) and print tables, or the JSON document."""
+def _on_sighup(agent: Agent, reloads: set[asyncio.Task[None]]) -> None:
+    """SIGHUP re-reads the config file and applies it, exactly as a ConfigMap update does (even when
+    the file is unchanged: a rescan and a reconcile follow). It never stops the agent."""
+    lifecycle = agent.lifecycle
+    if lifecycle is None:
+        return
+    log.info("SIGHUP: re-reading the config", extra=ctx("config-reload", agent.settings.config))
+
+    async def reload() -> None:
+        lifecycle.reload_config(force=True)
+
+    task = asyncio.get_running_loop().create_task(guarded("SIGHUP config reload", reload, agent.stats)())
+    reloads.add(task)
+    task.add_done_callback(reloads.discard)
+
+
+def show_status(socket_path: str, as_json: bool) -> int:
+    """Ask the running agent (over its status socket) and print tables, or the JSON document."""
     try:
-        doc = asyncio.run(fetch_status(address))
+        doc = asyncio.run(fetch_status(socket_path))
     except AgentError as e:
         print(f"sriov-rdma-agent status: {e}", file=sys.stderr)
         return 2

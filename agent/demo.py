@@ -41,6 +41,7 @@ def demo_settings(root: Path, metrics_address: str = "", health_address: str = "
         state_dir=str(root / "var/run/sriov-rdma-agent"),
         metrics_address=metrics_address,
         health_address=health_address,
+        status_socket=str(root / "run/sriov-rdma-agent/status.sock"),
     ), **overrides)
 
 
@@ -93,7 +94,8 @@ def print_endpoints(agent: Agent) -> None:
     if agent.health is not None:
         h = agent.health
         print(f"Health:  grpc.health.v1 on {h.host}:{h.port} (\"\", deviceplugin, lifecycle, monitor)")
-        print(f"Status:  sriov-rdma-agent status --address {h.host}:{h.port}")
+    if agent.status_server is not None:
+        print(f"Status:  sriov-rdma-agent status --status-socket {agent.status_server.socket_path}")
 
 
 def print_node(node: SimNode, root: Path) -> None:

@@ -20,10 +20,11 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agent.adapters import rdma_netlink
-from agent.adapters.health_server import DEVICEPLUGIN, fetch_status
+from agent.adapters.health_server import DEVICEPLUGIN
 from agent.adapters.hostinfo import is_real_sysfs, kernel_release, mount_of
 from agent.adapters.netlink_vf import PyrouteVfNetlink
 from agent.adapters.podresources import PodResourcesClient
+from agent.adapters.status_server import fetch_status
 from agent.adapters.sysfs import SysfsHost
 from agent.app import load_config
 from agent.config import Config
@@ -147,7 +148,7 @@ def _netns(host: SysfsHost, real: bool) -> NetnsFacts:
 
 async def _ask_services(settings: Settings) -> tuple[AgentFacts, tuple[str, int]]:
     """The running agent, and the kubelet's PodResources: (error or "", devices held by pods)."""
-    agent = await _ask_agent(settings.health_address)
+    agent = await _ask_agent(settings.health_address, settings.status_socket)
     try:
         owners = await PodResourcesClient(settings.pod_resources_socket).device_owners()
     except AgentError as e:
@@ -155,8 +156,9 @@ async def _ask_services(settings: Settings) -> tuple[AgentFacts, tuple[str, int]
     return agent, ("", len(owners))
 
 
-async def _ask_agent(address: str) -> AgentFacts:
-    """grpc.health.v1 Check of "deviceplugin" at --health-address, then the status document for detail."""
+async def _ask_agent(address: str, status_socket: str) -> AgentFacts:
+    """grpc.health.v1 Check of "deviceplugin" at --health-address, then the status document (on the
+    agent's --status-socket) for detail."""
     if not address:
         return AgentFacts(address="")
     try:
@@ -175,7 +177,7 @@ async def _ask_agent(address: str) -> AgentFacts:
         return AgentFacts(address=target, error=f"{e.code().name}: {e.details()}")
     serving = resp.status == health_pb2.HealthCheckResponse.SERVING
     try:
-        doc = await fetch_status(target, timeout=5)
+        doc = await fetch_status(status_socket, timeout=5)
     except AgentError:
         return AgentFacts(address=target, reachable=True, deviceplugin_serving=serving)
     advertised: dict[str, list[str]] = {r: [] for r in doc.get("registered", {})}

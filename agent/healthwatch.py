@@ -5,7 +5,9 @@ that concerns a served device triggers ``Agent.rescan``, which reads sysfs, over
 link state (``overlay``) and debounces recoveries (``settle``) before the views are published to
 the ListAndWatch streams. One timer task re-reads the node when a recovery has settled and a
 little after each link event, because mlx5 moves the RoCE port to ACTIVE shortly after carrier
-returns and that transition has no event of its own.
+returns and that transition has no event of its own. Every callback runs under agent.guard:
+a rescan that raises is logged and retried with backoff, and the watcher that delivered the
+event goes on.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from agent.core.health import (
     link_state_only,
     with_links,
 )
+from agent.guard import guarded
 from agent.model import PfInfo, ResourceView
 from agent.stats import Stats
 
@@ -99,16 +102,18 @@ class HealthWatch:
 
     # ------------------------------------------------------------ root tasks
     def link_task(self, netns: str | None = None, resync_s: float = DEFAULT_RESYNC_S) -> Task:
-        async def run(agent: Agent) -> None:
+        async def link_watcher(agent: Agent) -> None:
             watcher = LinkWatcher(netns=netns, resync_s=resync_s, stats=agent.stats)
-            await watcher.run(lambda b, a, r: self.on_links(agent, b, a, r))
-        return run
+            on_links = guarded("netlink event", self.on_links, agent.stats)
+            await watcher.run(lambda b, a, r: on_links(agent, b, a, r))
+        return link_watcher
 
     def uevent_task(self, source: Source | None = None, netns: str | None = None) -> Task:
-        async def run(agent: Agent) -> None:
+        async def uevent_watcher(agent: Agent) -> None:
             watcher = UeventWatcher(source=source, netns=netns, stats=agent.stats)
-            await watcher.run(lambda evs, over: self.on_uevents(agent, evs, over))
-        return run
+            on_uevents = guarded("uevent", self.on_uevents, agent.stats)
+            await watcher.run(lambda evs, over: on_uevents(agent, evs, over))
+        return uevent_watcher
 
     def host_tasks(self) -> list[Task]:
         """The watchers a node agent runs in the host network namespace."""
@@ -116,6 +121,8 @@ class HealthWatch:
 
     async def timer(self, agent: Agent) -> None:
         """At each deadline: re-read sysfs (follow-ups), or just re-judge (a recovery settled)."""
+        rescan = guarded("timer rescan", agent.rescan, agent.stats)
+        refresh = guarded("timer refresh", agent.refresh_links, agent.stats)
         while True:
             upcoming = min(self.deadlines | self.rereads, default=None)
             timeout = None if upcoming is None else max(0.0, upcoming - self.clock())
@@ -129,9 +136,9 @@ class HealthWatch:
             self.rereads -= reread
             self.deadlines -= settled
             if reread:
-                await agent.rescan("re-read after a link or device event")
+                await rescan("re-read after a link or device event")
             elif settled:
-                await agent.refresh_links("recovery settled")
+                await refresh("recovery settled")
 
     def _follow_up(self) -> None:
         """Re-read sysfs FOLLOW_UP_S after the latest event; a storm of events postpones them."""

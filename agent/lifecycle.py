@@ -4,6 +4,8 @@ A reconcile runs before the agent starts serving, again when the config file cha
 configured PF (re)appears. It keeps no state on disk: every reconcile starts from what the kernel
 shows, so a rebooted node (sriov_numvfs back to 0) is rebuilt from the config alone. All kernel
 work runs in worker threads; the event loop keeps serving ListAndWatch and health throughout.
+The config watcher runs whether or not VFs may be written (a simulated node is only observed):
+a reload always applies the resource set to the served plugins.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from agent.core.reconcile import (
     plan,
 )
 from agent.errors import AgentError, ConfigError, OperationTimeoutError, SysfsError
+from agent.guard import guarded
 from agent.logs import ctx
 from agent.model import PfReconcileStatus
 
@@ -71,12 +74,19 @@ class Lifecycle:
         self._wake = asyncio.Event()
         self._reasons: list[str] = []
         self._first: asyncio.Task[None] | None = None
+        self._config_changed = False
 
     # ------------------------------------------------------------ wiring
     def install(self) -> None:
-        """Hook into the agent: reconcile before serving, then watch for reasons to reconcile again."""
-        self.agent.before_serving.append(self.before_serving)
+        """Hook into the agent: reconcile before serving, then watch for reasons to reconcile again.
+        With writes off only the config watcher runs (and says so once)."""
         self.agent.extra_tasks.append(self.run)
+        if not self.agent.writes:
+            log.info("VF writes are off: --sysfs-root %s is not the host's sysfs, so VFs are only observed; "
+                     "config changes still apply to the served resources", self.agent.settings.sysfs_root,
+                     extra=ctx("startup"))
+            return
+        self.agent.before_serving.append(self.before_serving)
         self.agent.pf_listeners.append(lambda pfs: self.trigger(f"PF appeared: {', '.join(sorted(pfs))}"))
 
     def trigger(self, reason: str) -> None:
@@ -102,16 +112,18 @@ class Lifecycle:
                 await self._wake.wait()
                 self._wake.clear()
                 reasons, self._reasons = self._reasons, []
-                await self.guarded("; ".join(dict.fromkeys(reasons)))
+                why = "; ".join(dict.fromkeys(reasons))
+                if self._config_changed:
+                    self._config_changed = False
+                    # Resource set first (plugin servers, pinned VFs), then the VFs themselves.
+                    await guarded("apply config", self.agent.rescan, self.agent.stats)("config changed")
+                if self.agent.writes:
+                    await self.guarded(why)
 
     async def guarded(self, trigger: str) -> None:
-        """A reconcile whose unexpected failure is logged and counted; serving goes on either way."""
-        try:
-            await self.reconcile(trigger)
-        except Exception:
-            self.agent.stats.inc("reconcile_errors", pf="", reason="internal")
-            log.exception("reconcile (%s) failed unexpectedly; serving continues", trigger,
-                          extra=ctx("reconcile"))
+        """A reconcile whose unexpected failure is logged, counted and retried with backoff; serving
+        goes on either way."""
+        await guarded("reconcile", self.reconcile, self.agent.stats)(trigger)
 
     # ------------------------------------------------------------ config hot-reload
     async def watch_config(self) -> None:
@@ -124,17 +136,25 @@ class Lifecycle:
             except SysfsError as e:
                 log.error("config hot-reload disabled: %s", e, extra=ctx("config-reload", str(path)))
                 await asyncio.Event().wait()
+            reload = guarded("config reload", self._reload_event, self.agent.stats)
             async for ev in ino.events():
                 if ev.name in (path.name, "..data"):
-                    self.reload_config()
+                    await reload()
         finally:
             ino.close()
 
-    def reload_config(self) -> bool:
-        """Re-read the config file; adopt it if it is new and valid. False when it was rejected."""
+    async def _reload_event(self) -> None:
+        self.reload_config()
+
+    def reload_config(self, force: bool = False) -> bool:
+        """Re-read the config file; adopt it if it is new (or ``force``, for SIGHUP) and valid.
+        False when it was rejected (the last good config stays in force)."""
         path = self.agent.settings.config
         text = _read_text(path)
-        if text is None or text == self._config_text:
+        if text is None and force:
+            log.error("config cannot be read; keeping the last good one", extra=ctx("config-reload", path))
+            return False
+        if text is None or (text == self._config_text and not force):
             return True
         self._config_text = text
         try:
@@ -150,10 +170,11 @@ class Lifecycle:
         old_names = {r.resource_name for r in self.agent.config.resources}
         new_names = {r.resource_name for r in new.resources}
         if old_names != new_names:
-            log.warning("resources changed (%s -> %s): restart the agent to serve the new set; VF settings "
-                        "apply now", sorted(old_names), sorted(new_names), extra=ctx("config-reload", path))
-        self.agent.config = new
+            log.info("resources change (%s -> %s): applying live; unchanged resources are not disturbed",
+                     sorted(old_names), sorted(new_names), extra=ctx("config-reload", path))
+        self.agent.set_config(new)
         log.info("config reloaded", extra=ctx("config-reload", path))
+        self._config_changed = True
         self.trigger("config changed")
         return True
 
@@ -238,12 +259,8 @@ class Lifecycle:
                       self.node_name)
             for m in res.matches))
 
-    async def in_use(self) -> frozenset[str]:
-        """VF IDs held by pods, from the agent's ledger (PodResources first, else our Allocate record)."""
-        return await self.agent.ledger.refresh()
-
     async def observe(self, desired: Desired) -> Observed:
-        in_use = await self.in_use()
+        in_use = await self.agent.held_devices()
         pfs: dict[str, PfObserved] = {}
         for p in desired.pfs:
             try:

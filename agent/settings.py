@@ -21,6 +21,9 @@ DEFAULT_POD_RESOURCES_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
 # 9808 is the port the SR-IOV network metrics exporter uses; users replacing it keep their scrape config.
 DEFAULT_METRICS_ADDRESS = "0.0.0.0:9808"
 DEFAULT_HEALTH_ADDRESS = "0.0.0.0:9809"
+# `status` names the pods behind every VF: a unix socket in the agent's own run directory (an
+# emptyDir in the DaemonSet), reachable only from inside the container (`kubectl exec`).
+DEFAULT_STATUS_SOCKET = "/var/run/sriov-rdma-agent/status.sock"
 KUBELET_SOCKET_NAME = "kubelet.sock"
 
 
@@ -35,6 +38,7 @@ class Settings:
     state_dir: str = DEFAULT_STATE_DIR
     metrics_address: str = DEFAULT_METRICS_ADDRESS
     health_address: str = DEFAULT_HEALTH_ADDRESS
+    status_socket: str = DEFAULT_STATUS_SOCKET
     log_format: str = "text"  # "text" or "json"
     log_level: str = "info"
     node_name: str = ""  # from the downward API (spec.nodeName); seeds stable VF MACs

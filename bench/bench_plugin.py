@@ -93,6 +93,7 @@ async def _process_start(root: Path) -> float:
         sys.executable, "-m", "agent", "serve", "--config", settings.config, "--sysfs-root", str(root),
         "--dev-root", str(root), "--device-plugin-dir", settings.device_plugin_dir,
         "--devinfo-dir", settings.devinfo_dir, "--metrics-address", "", "--health-address", "",
+        "--status-socket", "",
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
     try:
         await kubelet.wait_for(lambda: bool(kubelet.registrations), timeout=30)

@@ -57,7 +57,8 @@ async def measure(root: Path, config: str, devices: int, idle: float) -> tuple[f
         sys.executable, "-m", "agent", "serve", f"--config={root}/config.yaml", f"--sysfs-root={root}",
         f"--dev-root={root}", f"--device-plugin-dir={plugins}", f"--devinfo-dir={root}/devinfo",
         f"--pod-resources-socket={root}/pod-resources.sock", f"--metrics-address=127.0.0.1:{free_port()}",
-        f"--health-address=127.0.0.1:{free_port()}", "--log-level=warning", cwd=REPO,
+        f"--health-address=127.0.0.1:{free_port()}", f"--status-socket={root}/status.sock",
+        "--log-level=warning", cwd=REPO,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
     try:
         await kubelet.wait_for(lambda: len(kubelet.devices(RESOURCE)) == devices, timeout=60)

@@ -83,18 +83,22 @@ class DevicePluginServicer(api_pb2_grpc.DevicePluginServicer):
         log.info("ListAndWatch opened; sending %d devices", len(view.devices),
                  extra=ctx("list-and-watch", resource=self.resource_name))
         yield view_to_proto(view)
+        # Both waits end with the stream: a kubelet that hangs up (grpc cancels this handler) must
+        # not leave a task parked on the hub until the next device change.
         stop = asyncio.ensure_future(self._stopping.wait())
+        change: asyncio.Future[tuple[int, ResourceView]] | None = None
         try:
             while not self._stopping.is_set():
                 change = asyncio.ensure_future(self.backend.changed(version))
                 done, _ = await asyncio.wait({change, stop}, return_when=asyncio.FIRST_COMPLETED)
                 if change not in done:
-                    change.cancel()
                     break
                 version, view = change.result()
                 yield view_to_proto(view)
         finally:
             stop.cancel()
+            if change is not None:
+                change.cancel()
 
     async def GetPreferredAllocation(
         self, request: api_pb2.PreferredAllocationRequest,

@@ -125,6 +125,8 @@ STAT_COUNTERS: dict[str, tuple[str, str, tuple[str, ...]]] = {
                   "(ok, failed, skipped_held).", ("pf", "mode", "outcome")),
     "netlink_resyncs": ("netlink_resyncs", "Full re-reads after a netlink overflow or error, by reason.",
                         ("reason",)),
+    "callback_errors": ("callback_errors", "Event callbacks and root tasks that failed and were retried "
+                        "with backoff, by callback.", ("callback",)),
 }
 
 ALLOCATE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -176,6 +178,7 @@ class AgentCollector(Collector):
         yield from self._pfs()
         yield from self._vfs()
         yield from self._stat_counters()
+        yield from self._runtime()
 
     # ------------------------------------------------------------ families
     def _build_info(self) -> Iterator[Metric]:
@@ -297,6 +300,15 @@ class AgentCollector(Collector):
                     stats[f].add_metric(a, value)
         yield from (info, healthy, allocated)
         yield from stats.values()
+
+    def _runtime(self) -> Iterator[Metric]:
+        """Tasks alive in the agent's event loop: a leak (say, one per dropped stream) is growth here."""
+        try:
+            tasks = asyncio.all_tasks()
+        except RuntimeError:  # collected outside the agent's loop: there is nothing to count
+            return
+        yield GaugeMetricFamily(_m("asyncio_tasks"), "Tasks alive in the agent's event loop.",
+                                value=len(tasks))
 
     def _stat_counters(self) -> Iterator[Metric]:
         for event, (name, doc, labels) in STAT_COUNTERS.items():

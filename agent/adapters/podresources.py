@@ -7,13 +7,16 @@ When the API cannot be asked, callers fall back to the agent's own Allocate reco
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
+from collections.abc import Callable
 
 import grpc
 
 from agent._pb.podresources.v1 import api_pb2, api_pb2_grpc
 from agent.errors import AgentError
-from agent.status import PodRef
+from agent.status import PodDirectory, PodRef
 
 
 class PodResourcesUnavailableError(AgentError):
@@ -51,3 +54,44 @@ class PodResourcesClient:
                     for dev_id in dev.device_ids:
                         out[(dev.resource_name, dev_id)] = PodRef(pod.namespace, pod.name, c.name)
         return out
+
+
+Owners = dict[tuple[str, str], PodRef]
+
+
+class CachedPodDirectory:
+    """At most one PodResources List per ``max_age`` seconds, shared by concurrent callers.
+
+    `status` calls and metric scrapes go through this, so a burst of them is one call to the
+    kubelet, not one each. A failure is remembered as long as an answer would be. The VF lifecycle
+    does not use it: deciding whether a VF is free needs the kubelet's word of now.
+    """
+
+    def __init__(self, pods: PodDirectory, max_age: float = 2.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.pods = pods
+        self.max_age = max_age
+        self.clock = clock
+        self.calls = 0  # List calls made on behalf of callers
+        self._at: float | None = None
+        self._result: Owners | AgentError = {}
+        self._inflight: asyncio.Future[None] | None = None
+
+    async def device_owners(self) -> Owners:
+        if self._at is None or self.clock() - self._at >= self.max_age:
+            if self._inflight is None:
+                self._inflight = asyncio.ensure_future(self._fetch())
+            await asyncio.shield(self._inflight)
+        if isinstance(self._result, AgentError):
+            raise self._result.with_traceback(None)  # a fresh traceback, not one grown per caller
+        return self._result
+
+    async def _fetch(self) -> None:
+        self.calls += 1
+        try:
+            self._result = dict(await self.pods.device_owners())
+        except AgentError as e:
+            self._result = e
+        finally:
+            self._at = self.clock()
+            self._inflight = None

@@ -197,16 +197,22 @@ def test_container_flags_and_env_parse_into_the_agent_defaults(base: list[Obj],
 
 
 def test_status_inside_the_pod_finds_the_agent(base: list[Obj], monkeypatch: pytest.MonkeyPatch) -> None:
-    """`kubectl exec <pod> -- sriov-rdma-agent status` asks the address the agent serves health on, even
-    after a patch moves it: the address is an env var of the container, which `status` reads too."""
-    assert not [a for a in agent_container(base)["args"] if a.startswith("--health-address")]
+    """`kubectl exec <pod> -- sriov-rdma-agent status` asks the unix socket the agent serves status on,
+    even after a patch moves it: the path is an env var of the container, which `status` reads too.
+    The socket's directory is the agent's own writable state directory (the root filesystem is
+    read-only; the socket is 0600), never a port."""
+    assert not [a for a in agent_container(base)["args"] if a.startswith("--status-socket")]
+    s = container_settings(base, monkeypatch)
+    assert s.status_socket == defaults.DEFAULT_STATUS_SOCKET
+    volume, read_only = mounts(base)[str(Path(s.status_socket).parent)]
+    assert not read_only and volume.get("hostPath", {}).get("path") == s.state_dir
     patched = copy.deepcopy(base)
     for env in agent_container(patched)["env"]:
-        if env["name"] == env_name("--health-address"):
-            env["value"] = "0.0.0.0:19809"
+        if env["name"] == env_name("--status-socket"):
+            env["value"] = "/var/run/sriov-rdma-agent/other.sock"
     s = container_settings(patched, monkeypatch)
-    assert s.health_address == "0.0.0.0:19809"
-    assert build_parser().parse_args(["status"]).address == s.health_address
+    assert s.status_socket == "/var/run/sriov-rdma-agent/other.sock"
+    assert build_parser().parse_args(["status"]).status_socket == s.status_socket
 
 
 def test_doctor_inside_the_pod_checks_the_host_the_agent_manages(base: list[Obj],

@@ -50,8 +50,8 @@ def container_view(base: list[Obj], root: Path) -> tuple[list[str], dict[str, st
             host, _, port = value.rpartition(":")
             ports[int(port)] = free_port()
             value = f"{host}:{ports[int(port)]}"
-        if e["name"] in {env_name(f) for f in PATH_FLAGS}:
-            value = f"{root}{value}"
+        if e["name"] in {env_name(f) for f in PATH_FLAGS} | {env_name("--status-socket")}:
+            value = f"{root}{value}"  # host paths and the status socket, under the container root
         env[e["name"]] = value
     config_volume = next(v for v in pod_spec(base)["volumes"] if "configMap" in v)
     mounts = agent_container(base)["volumeMounts"]

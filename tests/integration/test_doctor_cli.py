@@ -42,6 +42,8 @@ def flags(s: Settings) -> list[str]:
         s.pod_resources_socket,
         "--health-address",
         s.health_address,
+        "--status-socket",
+        s.status_socket,
     ]
 
 

@@ -58,10 +58,10 @@ async def running(node: SimNode, settings: Settings, kernel: SimKernel, netlink:
                   timeouts: Timeouts) -> AsyncIterator[tuple[Agent, Lifecycle, FakeKubelet]]:
     kubelet = FakeKubelet(settings.device_plugin_dir)
     await kubelet.start()
-    agent = build_agent(settings, parse_config(Path(settings.config).read_text()))
-    agent.sysfs.writer = kernel
-    lc = Lifecycle(agent, netlink, timeouts)
-    lc.install()
+    agent = build_agent(settings, parse_config(Path(settings.config).read_text()), writer=kernel,
+                        netlink=netlink, timeouts=timeouts)
+    lc = agent.lifecycle
+    assert lc is not None
     runner = asyncio.create_task(agent.run())
     try:
         await kubelet.wait_for(lambda: RESOURCE in kubelet.endpoints

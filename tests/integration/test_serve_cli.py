@@ -59,7 +59,8 @@ def test_serve_registers_then_sigterm_exits_0_removes_socket_and_leaves_sysfs(si
             ["serve", "--sysfs-root", str(root), "--dev-root", str(root),
              "--device-plugin-dir", str(plugin_dir), "--metrics-address", ""],
             {"SRIOV_RDMA_AGENT_CONFIG": str(config), "SRIOV_RDMA_AGENT_DEVINFO_DIR": str(devinfo),
-             "SRIOV_RDMA_AGENT_LOG_FORMAT": "json", "SRIOV_RDMA_AGENT_HEALTH_ADDRESS": ""})
+             "SRIOV_RDMA_AGENT_LOG_FORMAT": "json", "SRIOV_RDMA_AGENT_HEALTH_ADDRESS": "",
+             "SRIOV_RDMA_AGENT_STATUS_SOCKET": str(sim_root / "status.sock")})
         try:
             await kubelet.wait_for(lambda: len(kubelet.healthy(RESOURCE)) == 4, timeout=20)
             resp = await kubelet.allocate(RESOURCE, ["0002:01:00.2"])
@@ -97,7 +98,7 @@ def test_serve_with_bad_config_exits_2_naming_the_field(sim_node: SimNode, sim_r
     async def body() -> tuple[int, bytes]:
         proc = await _spawn(["serve", "--config", str(config), "--sysfs-root", str(sim_node.root),
                              "--device-plugin-dir", str(sim_root / "dp"), "--metrics-address", "",
-                             "--health-address", ""], {})
+                             "--health-address", "", "--status-socket", ""], {})
         _, err = await asyncio.wait_for(proc.communicate(), 20)
         return proc.returncode or 0, err
 
@@ -117,7 +118,7 @@ def test_flag_beats_env_and_help_names_every_env_var(monkeypatch: pytest.MonkeyP
         build_parser().parse_args(["serve", "--help"])
     serve_help = capsys.readouterr().out
     for env in ("CONFIG", "SYSFS_ROOT", "DEV_ROOT", "DEVICE_PLUGIN_DIR", "DEVINFO_DIR", "METRICS_ADDRESS",
-                "HEALTH_ADDRESS", "LOG_FORMAT", "LOG_LEVEL"):
+                "HEALTH_ADDRESS", "STATUS_SOCKET", "LOG_FORMAT", "LOG_LEVEL"):
         assert f"SRIOV_RDMA_AGENT_{env}" in serve_help
 
 

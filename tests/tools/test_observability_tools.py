@@ -128,6 +128,10 @@ class Running:
     health_address: str
     log: Path
 
+    @property
+    def status_socket(self) -> str:
+        return str(self.root / "run/status.sock")
+
     def scrape(self) -> str:
         with urllib.request.urlopen(self.metrics_url, timeout=5) as r:
             body: bytes = r.read()
@@ -153,7 +157,8 @@ def agent_proc() -> Iterator[Running]:
            "--sysfs-root", str(root), "--dev-root", str(root), "--device-plugin-dir", str(plugin_dir),
            "--devinfo-dir", str(root / "devinfo"),
            "--pod-resources-socket", str(pod_socket),
-           "--metrics-address", f"127.0.0.1:{mport}", "--health-address", f"127.0.0.1:{hport}"]
+           "--metrics-address", f"127.0.0.1:{mport}", "--health-address", f"127.0.0.1:{hport}",
+           "--status-socket", str(root / "run/status.sock")]
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     running = Running(root, sim, proc, kubelet, f"http://127.0.0.1:{mport}/metrics", f"127.0.0.1:{hport}",
@@ -258,15 +263,16 @@ scrape_configs:
 
 
 def test_status_command_prints_the_node(agent_proc: Running) -> None:
-    out = subprocess.run([sys.executable, "-m", "agent", "status", "--address", agent_proc.health_address],
+    out = subprocess.run([sys.executable, "-m", "agent", "status", "--status-socket",
+                          agent_proc.status_socket],
                          capture_output=True, text=True, timeout=30, check=True).stdout
     assert "enP2p1s0f0np0  up" in out
     assert out.count("Healthy") == 4
     assert "nvidia.com/cx7_qsfp: registered" in out
     assert "health overall: SERVING" in out
     assert "ml/trainer-0/nccl" in out
-    doc = json.loads(subprocess.run([sys.executable, "-m", "agent", "status", "--json", "--address",
-                                     agent_proc.health_address],
+    doc = json.loads(subprocess.run([sys.executable, "-m", "agent", "status", "--json", "--status-socket",
+                                     agent_proc.status_socket],
                                     capture_output=True, text=True, timeout=30, check=True).stdout)
     assert sum(v["allocated"] for v in doc["vfs"]) == 1  # the Allocate the fixture made
     assert doc["pod_resources"] is True

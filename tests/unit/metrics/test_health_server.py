@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from obs_node import CONFIG, RESOURCE, Node, make_node
 
-from agent.adapters.health_server import StatusUnavailableError, fetch_status
+from agent.adapters.status_server import StatusUnavailableError, fetch_status
 from agent.model import PfReconcileStatus
 from agent.sim.kubelet import FakeKubelet
 
@@ -78,7 +80,7 @@ def test_not_serving_until_registered_then_follows_the_kubelet(short_root: Path)
             await kubelet.start()
             await wait_status(stub, "", SERVING)
 
-            doc = await fetch_status(f"127.0.0.1:{node.agent.health.port}")  # type: ignore[union-attr]
+            doc = await fetch_status(node.agent.settings.status_socket)
             assert doc["registered"] == {RESOURCE: True}
             assert len(doc["vfs"]) == 4 and all(v["healthy"] for v in doc["vfs"])
             assert doc["health"]["deviceplugin"]["serving"] is True
@@ -133,7 +135,7 @@ def test_lifecycle_not_serving_when_a_configured_pf_is_missing(short_root: Path)
             await wait_status(stub, "deviceplugin", SERVING)  # the PF that exists is still served
             assert await check(stub, "lifecycle") == NOT_SERVING
             assert await check(stub, "") == NOT_SERVING
-            doc = await fetch_status(f"127.0.0.1:{node.agent.health.port}")  # type: ignore[union-attr]
+            doc = await fetch_status(node.agent.settings.status_socket)
             assert "enp9s0f0np0" in doc["health"]["lifecycle"]["reason"]
             runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -158,7 +160,7 @@ def test_lifecycle_follows_the_last_reconcile(short_root: Path) -> None:
             node.agent.publish_reconcile_status(outcome("error", "EIO"))
             await wait_status(stub, "lifecycle", NOT_SERVING)
             assert await check(stub, "") == NOT_SERVING
-            doc = await fetch_status(f"127.0.0.1:{node.agent.health.port}")  # type: ignore[union-attr]
+            doc = await fetch_status(node.agent.settings.status_socket)
             assert doc["health"]["lifecycle"]["reason"] == "PF 0002:01:00.0: reconcile error (EIO)"
             # refusing to shrink under a VF a pod holds is the agent doing its job
             node.agent.publish_reconcile_status(outcome("refused", "vf_in_use"))
@@ -170,7 +172,37 @@ def test_lifecycle_follows_the_last_reconcile(short_root: Path) -> None:
     asyncio.run(scenario())
 
 
-def test_status_reports_an_unreachable_agent_clearly() -> None:
+def test_status_reports_an_unreachable_agent_clearly(short_root: Path) -> None:
+    missing = str(short_root / "status.sock")
     with pytest.raises(StatusUnavailableError) as err:
-        asyncio.run(fetch_status("127.0.0.1:1", timeout=1))
-    assert "127.0.0.1:1" in str(err.value) and "UNAVAILABLE" in str(err.value)
+        asyncio.run(fetch_status(missing, timeout=1))
+    assert missing in str(err.value) and "no such socket" in str(err.value)
+    stale = short_root / "stale.sock"  # a socket nobody listens on (an agent that was killed)
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(stale))
+    with pytest.raises(StatusUnavailableError) as err:
+        asyncio.run(fetch_status(str(stale), timeout=1))
+    assert "UNAVAILABLE" in str(err.value)
+
+
+def test_status_is_not_served_on_the_health_port(short_root: Path) -> None:
+    """The health port is open to the node's network: it answers grpc.health.v1 and nothing else;
+    status (pods behind every VF) is on a 0600 unix socket."""
+    node = make_node(short_root, health_address="127.0.0.1:0")
+    kubelet = FakeKubelet(node.agent.settings.device_plugin_dir)
+
+    async def scenario() -> None:
+        await kubelet.start()
+        async with running(node, kubelet):
+            assert node.agent.health is not None
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{node.agent.health.port}") as channel:
+                call = channel.unary_unary("/sriov_rdma_agent.v1.Status/Get")
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await call(b"{}", timeout=2)
+                assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            mode = os.stat(node.agent.settings.status_socket).st_mode & 0o777
+            assert mode == 0o600
+            doc = await fetch_status(node.agent.settings.status_socket)
+            assert doc["health"]["deviceplugin"]["serving"] is False and "vfs" in doc
+
+    asyncio.run(scenario())

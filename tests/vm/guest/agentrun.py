@@ -106,7 +106,7 @@ async def serving(sysfs_root: Path | str, config: str) -> AsyncIterator[Served]:
                         pod_resources_socket=str(work / "pod-resources" / "kubelet.sock"),
                         state_dir=str(work / "state"),
                         metrics_address=metrics, health_address=f"127.0.0.1:{free_port()}",
-                        node_name="vm-node")
+                        status_socket=str(work / "status.sock"), node_name="vm-node")
     (work / "dp").mkdir()
     kubelet = FakeKubelet(settings.device_plugin_dir)
     pods = FakePodResources(settings.pod_resources_socket)
