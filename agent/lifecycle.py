@@ -9,6 +9,7 @@ work runs in worker threads; the event loop keeps serving ListAndWatch and healt
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -24,7 +25,7 @@ from agent.adapters.executor import Executor, Timeouts, VfNetlinkPort, error_rea
 from agent.adapters.inotify import IN_CLOSE_WRITE, IN_CREATE, IN_DELETE, IN_MOVED_TO, Inotify
 from agent.adapters.netlink_vf import PyrouteVfNetlink
 from agent.adapters.podresources import PodResourcesClient
-from agent.config import Config, parse_config
+from agent.config import Config, parse_config, read_config_bytes
 from agent.core.discovery import Resolution
 from agent.core.reconcile import (
     Action,
@@ -74,7 +75,7 @@ class Lifecycle:
         self.startup_wait = startup_wait
         self.max_rounds = max_rounds
         self.config_error = ""  # why the last config reload was rejected ("" when it was accepted)
-        self._config_text = _read_text(agent.settings.config)
+        self._config_bytes = _read_bytes(agent.settings.config)
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._reasons: list[str] = []
@@ -133,27 +134,31 @@ class Lifecycle:
             except SysfsError as e:
                 log.error("config hot-reload disabled: %s", e, extra=ctx("config-reload", str(path)))
                 await asyncio.Event().wait()
-            async for ev in ino.events():
-                if ev.name in (path.name, "..data"):
-                    self.reload_config()
+            # The event generator is closed before the fd it reads, whatever ends the loop.
+            async with contextlib.aclosing(ino.events()) as events:
+                async for ev in events:
+                    if ev.name in (path.name, "..data"):
+                        await self.reload_config()
         finally:
             ino.close()
 
-    def reload_config(self) -> bool:
-        """Re-read the config file; adopt it if it is new and valid. False when it was rejected."""
+    async def reload_config(self) -> bool:
+        """Re-read the config file; adopt it if it is new and valid. False when it was rejected.
+
+        Reading and parsing run in a worker thread: the file is bounded (agent.config), but even a
+        large one must not stall health answers and ListAndWatch streams.
+        """
         path = self.agent.settings.config
-        text = _read_text(path)
-        if text is None or text == self._config_text:
-            return True
-        self._config_text = text
         try:
-            new = parse_config(text)
+            new = await asyncio.to_thread(self._read_new_config, path)
         except ConfigError as e:
             self.config_error = str(e)
             self.agent.stats.inc("config_reloads", result="invalid")
             log.error("new config rejected; keeping the last good one: %s", e,
                       extra=ctx("config-reload", path))
             return False
+        if new is None:
+            return True
         self.config_error = ""
         self.agent.stats.inc("config_reloads", result="ok")
         old_names = {r.resource_name for r in self.agent.config.resources}
@@ -165,6 +170,17 @@ class Lifecycle:
         log.info("config reloaded", extra=ctx("config-reload", path))
         self.trigger("config changed")
         return True
+
+    def _read_new_config(self, path: str) -> Config | None:
+        """The file's config when its bytes changed since the last read; None when unchanged or gone
+        (a ConfigMap update swaps a symlink; a file removed for a moment is not an error)."""
+        if not os.path.exists(path):
+            return None
+        data = read_config_bytes(path)
+        if data == self._config_bytes:
+            return None
+        self._config_bytes = data  # a rejected file is reported once, not on every event
+        return parse_config(data)
 
     # ------------------------------------------------------------ reconcile
     async def reconcile(self, trigger: str) -> None:
@@ -346,8 +362,8 @@ def format_plan(actions: tuple[Action, ...]) -> str:
     return "\n".join(lines)
 
 
-def _read_text(path: str) -> str | None:
+def _read_bytes(path: str) -> bytes | None:
     try:
-        return Path(path).read_text()
-    except OSError:
+        return read_config_bytes(path)
+    except ConfigError:
         return None
