@@ -199,10 +199,11 @@ class _BoundedLoader(yaml.SafeLoader):
 
     def construct_object(self, node: Node, deep: bool = False) -> Any:
         """Scalar constructors raise plain Python errors for YAML they cannot represent
-        (``2001-02-30``, a 5,000-digit int, ``!!timestamp x``): give them the node's position."""
+        (``2001-02-30``, a 5,000-digit int, ``!!timestamp x``, ``!!int ""``): give them the node's
+        position."""
         try:
             return super().construct_object(node, deep)
-        except (ValueError, TypeError, AttributeError, OverflowError) as e:
+        except (ValueError, TypeError, AttributeError, LookupError, OverflowError) as e:
             raise ConstructorError(None, None, f"cannot read {node.tag.rsplit(':', 1)[-1]} value: "
                                    f"{shorten(str(e))}", node.start_mark) from e
 

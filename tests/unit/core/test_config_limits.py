@@ -132,6 +132,7 @@ def test_a_huge_value_is_echoed_cut_short(where: str) -> None:
     "resources: !!timestamp nonsense\n",
     "resources: " + "1" * 5000 + "\n",  # beyond Python's int-from-string digit limit
     "resources: !!float nonsense\n",
+    "resources: !!int ''\n",  # IndexError inside PyYAML
     "resources: !!binary a\n",
     "resources: \x00\n",
 ])
