@@ -21,11 +21,11 @@ from agent.adapters.netlink_vf import PyrouteVfNetlink
 from agent.adapters.podresources import CachedPodDirectory, PodResourcesClient
 from agent.adapters.status_server import StatusServer
 from agent.adapters.sysfs import SysfsHost, SysfsWriter
-from agent.config import Config, ResourceConfig, parse_config
+from agent.config import Config, ResourceConfig, parse_config, read_config_bytes
 from agent.core.discovery import Resolution, pf_problem, resolve_pfs
 from agent.core.hygiene import fenced
-from agent.core.inventory import NodeState, allocate, build_view, preferred_allocation
-from agent.errors import AllocationError, ConfigError, SysfsError
+from agent.core.inventory import NodeState, allocate_all, build_view, preferred_allocation
+from agent.errors import AllocationError, SysfsError, shorten
 from agent.guard import guarded
 from agent.healthwatch import HealthWatch
 from agent.hygiene import VfHygiene
@@ -84,16 +84,20 @@ class ResourceBackend:
     async def changed(self, after_version: int) -> tuple[int, ResourceView]:
         return await self.agent.hub.changed(self.resource.resource_name, after_version)
 
-    def allocate(self, ids: Sequence[str]) -> ContainerAllocation:
-        """The response for one container; ``resource`` follows config reloads (its rdma flag)."""
-        for dev_id in ids:  # the fence, not the view: a VF fenced an instant ago is not in a view yet
-            if dev_id in self.agent.fences:
-                raise AllocationError(dev_id, self.agent.fences[dev_id])
+    def allocate(self, requests: Sequence[Sequence[str]]) -> list[ContainerAllocation]:
+        """All container requests of one call, or none: nothing is written or recorded for a call
+        that fails, whichever container request fails it. ``resource`` follows config reloads."""
+        for ids in requests:  # the fence, not the view: a VF fenced an instant ago is not in a view yet
+            for dev_id in ids:
+                if dev_id in self.agent.fences:
+                    raise AllocationError(dev_id, self.agent.fences[dev_id])
         _, view = self.current()
-        result = allocate(self.resource, ids, view, self.agent.node, self.agent.sysfs.dev_path_exists)
-        self.agent.write_devinfo(result)
-        self.agent.ledger.record(self.resource.resource_name, ids)
-        return result
+        results = allocate_all(self.resource, requests, view, self.agent.node,
+                               self.agent.sysfs.dev_path_exists)
+        self.agent.write_devinfo(results)
+        for ids in requests:
+            self.agent.ledger.record(self.resource.resource_name, ids)
+        return results
 
     def preferred(self, available: Sequence[str], must_include: Sequence[str], size: int) -> list[str]:
         _, view = self.current()
@@ -146,6 +150,7 @@ class Agent:
     retired: dict[str, ResourceConfig] = field(default_factory=dict)  # removed, still serving a pinned VF
     pin_poll_s: float = PIN_POLL_S
     _scan_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _scan_failures: int = 0  # rescans in a row that raised
     _run_task: asyncio.Task[None] | None = None
     _tg: asyncio.TaskGroup | None = None
     _releaser: asyncio.Task[None] | None = None
@@ -203,6 +208,9 @@ class Agent:
         runs; netlink's link state is laid over the result again when it is published, so a flip
         that happened during the walk is not undone by it. The first rescan after a config reload
         also applies the resource set (see set_config).
+
+        A read that fails unexpectedly is logged and tried again (backing off) instead of ending the
+        event callback that asked for it: the last published views stay in force meanwhile.
         """
         async with self._scan_lock:
             moved_from = self._moved_from
@@ -210,7 +218,16 @@ class Agent:
             if moved_from is not None:
                 held = self.in_pod()
                 keep |= {d.pf_pci_address for v in self.hub.views.values() for d in v.devices if d.id in held}
-            res, node = await asyncio.to_thread(self.scan, keep)
+            try:
+                res, node = await asyncio.to_thread(self.scan, keep)
+            except Exception as e:
+                self._scan_failures += 1
+                delay = self.health_watch.retry(self._scan_failures)
+                log.error("reading the node failed (%s); keeping the last view, trying again in %gs: %s",
+                          reason or "rescan", delay, shorten(str(e), 200), exc_info=self._scan_failures == 1,
+                          extra=ctx("discover", reason=type(e).__name__))
+                return
+            self._scan_failures = 0
             node = NodeState({a: self.health_watch.overlay(pf) for a, pf in node.pfs.items()})
             before = {a for a, p in self.node.pfs.items() if p.driver}
             scanned_before = bool(self.resolution.matches or self.resolution.problems)
@@ -323,22 +340,31 @@ class Agent:
         for dev_id in before.keys() - after.keys():
             log.info("device removed", extra=ctx("device-remove", dev_id, resource=new.resource_name))
 
-    def write_devinfo(self, alloc: ContainerAllocation) -> None:
-        """Device-info files for Multus, written at Allocate, mode 0444 (as the community plugin)."""
+    def write_devinfo(self, allocs: Sequence[ContainerAllocation]) -> None:
+        """Device-info files for Multus, written at Allocate, mode 0444 (as the community plugin).
+
+        All of one call's files or none: the files written before a failure are removed again.
+        """
         d = Path(self.settings.devinfo_dir)
+        written: list[Path] = []
         try:
             d.mkdir(parents=True, exist_ok=True)
-            for name, content in alloc.devinfo.items():
-                path = d / name
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
-                try:
-                    os.write(fd, content.encode())
-                finally:
-                    os.close(fd)
+            for alloc in allocs:
+                for name, content in alloc.devinfo.items():
+                    path = d / name
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
+                    written.append(path)
+                    try:
+                        os.write(fd, content.encode())
+                    finally:
+                        os.close(fd)
         except OSError as e:
-            names = ",".join(alloc.devinfo)
+            for path in written:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            names = ",".join(name for alloc in allocs for name in alloc.devinfo)
             raise AllocationError(names, f"cannot write device-info file in {d}: {e}") from e
 
     # ------------------------------------------------------------ running
@@ -506,11 +532,7 @@ class Agent:
 
 
 def load_config(path: str) -> Config:
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise ConfigError("--config", path, f"cannot read: {e.strerror}") from e
-    return parse_config(text)
+    return parse_config(read_config_bytes(path))
 
 
 def writes_enabled(sysfs_root: str, mountinfo: str = "/proc/self/mountinfo") -> bool:

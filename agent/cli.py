@@ -164,7 +164,7 @@ def _on_sighup(agent: Agent, reloads: set[asyncio.Task[None]]) -> None:
     log.info("SIGHUP: re-reading the config", extra=ctx("config-reload", agent.settings.config))
 
     async def reload() -> None:
-        lifecycle.reload_config(force=True)
+        await lifecycle.reload_config(force=True)
 
     task = asyncio.get_running_loop().create_task(guarded("SIGHUP config reload", reload, agent.stats)())
     reloads.add(task)

@@ -8,19 +8,33 @@ Canonical form (YAML)::
           - pfName: enP2p1s0f0np0      # or pciAddress: "0002:01:00.0", or vendor: "15b3" + device: "1021"
             numVfs: 4
 
-Every error names the dotted field path and the value, so an operator can fix the ConfigMap
-from the log line alone.
+Every error names the dotted field path and the value (cut short), so an operator can fix the
+ConfigMap from the log line alone.
+
+The file comes from outside and is read at start and on every hot reload, so its cost is bounded
+before any of it is believed: at most ``MAX_CONFIG_BYTES``, strict UTF-8, at most ``MAX_YAML_DEPTH``
+levels of nesting and ``MAX_YAML_NODES`` YAML nodes, where each use of an alias counts the whole
+subtree it stands for. Anchors and aliases stay allowed (an operator may share VF settings between
+PFs with ``<<: *defaults``), but a "billion laughs" file is refused after a few thousand nodes instead
+of expanding; a recursive alias is refused outright.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import yaml
+from yaml.composer import ComposerError
+from yaml.constructor import ConstructorError
+from yaml.error import Mark
+from yaml.events import AliasEvent
+from yaml.nodes import Node
 
-from agent.errors import ConfigError
+from agent.errors import ConfigError, shorten
 from agent.model import is_pci_address
 
 # Kubelet accepts extended resources "<domain>/<name>"; the domain may not be kubernetes.io.
@@ -35,6 +49,14 @@ _DRIVER = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 MAX_NUM_VFS = 2048
 MIN_MTU = 68
 MAX_MTU = 65535
+
+# Bounds on the file itself. A real config is a few hundred bytes; 1 MiB holds hundreds of PFs
+# with every field set, and parses in well under a second.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_YAML_DEPTH = 32  # the schema needs 6 levels
+MAX_YAML_NODES = 20_000  # a config at MAX_PFS PFs with every field set has about 10,000
+MAX_RESOURCES = 64  # one gRPC server and socket each
+MAX_PFS = 256  # PF entries in all resources together; a node has a handful
 
 MacPolicy = Literal["keep", "stable"]
 LinkState = Literal["auto", "enable", "disable"]
@@ -138,15 +160,107 @@ class Config:
         return tuple((r, p) for r in self.resources for p in r.pfs)
 
 
-def parse_config(text: str) -> Config:
-    """Parse YAML text into a validated Config, or raise ConfigError naming the bad field."""
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with a budget: nesting depth, and nodes counted as if aliases were expanded.
+
+    PyYAML itself shares an aliased node instead of copying it, so loading a billion laughs is cheap;
+    the cost comes later, from anything that walks the value (an error message formatting it). The
+    budget refuses such a file while composing it, before any of it is constructed.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._nodes = 0
+        self._depth = 0
+        self._expanded: dict[int, int] = {}  # id(node) -> nodes its subtree stands for, when complete
+
+    def compose_node(self, parent: Node | None, index: int) -> Node | None:
+        event: Any = self.peek_event()  # type: ignore[no-untyped-call]
+        if self.check_event(AliasEvent):
+            node = super().compose_node(parent, index)
+            size = self._expanded.get(id(node))
+            if size is None:
+                raise ComposerError(None, None, f"alias *{shorten(event.anchor)} refers to the node that "
+                                    "contains it (a recursive structure)", event.start_mark)
+            self._count(size, event.start_mark)
+            return node
+        self._depth += 1
+        if self._depth > MAX_YAML_DEPTH:
+            raise ComposerError(None, None, f"nested more than {MAX_YAML_DEPTH} levels deep",
+                                event.start_mark)
+        before = self._nodes
+        self._count(1, event.start_mark)
+        node = super().compose_node(parent, index)
+        self._expanded[id(node)] = self._nodes - before
+        self._depth -= 1
+        return node
+
+    def _count(self, n: int, mark: Mark) -> None:
+        self._nodes += n
+        if self._nodes > MAX_YAML_NODES:
+            raise ComposerError(None, None, f"more than {MAX_YAML_NODES} YAML nodes (each use of an "
+                                "alias counts the nodes it stands for)", mark)
+
+    def construct_object(self, node: Node, deep: bool = False) -> Any:
+        """Scalar constructors raise plain Python errors for YAML they cannot represent
+        (``2001-02-30``, a 5,000-digit int, ``!!timestamp x``, ``!!int ""``): give them the node's
+        position."""
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, TypeError, AttributeError, LookupError, OverflowError) as e:
+            raise ConstructorError(None, None, f"cannot read {node.tag.rsplit(':', 1)[-1]} value: "
+                                   f"{shorten(str(e))}", node.start_mark) from e
+
+
+def parse_config(data: str | bytes) -> Config:
+    """Parse YAML into a validated Config, or raise ConfigError naming the bad field.
+
+    ``data`` is the file's bytes as read (strict UTF-8), or text. Nothing but ConfigError leaves here.
+    """
+    if isinstance(data, bytes):
+        size = len(data)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError("<file>", f"byte 0x{data[e.start]:02x} at offset {e.start}",
+                              "not UTF-8 text") from None
+    else:
+        text = data
+        size = len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError("<file>", f"{size} bytes", f"larger than the limit of {MAX_CONFIG_BYTES} bytes")
+    loader: _BoundedLoader | None = None
     try:
-        raw = yaml.safe_load(text)
+        loader = _BoundedLoader(text)  # the reader refuses control characters here already
+        raw = loader.get_single_data()
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "?"
-        raise ConfigError("<file>", where, f"not valid YAML: {getattr(e, 'problem', e)}") from e
+        position = getattr(e, "position", None)  # a ReaderError: an unacceptable character
+        where = (f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None
+                 else f"character {position}" if position is not None else "?")
+        problem = getattr(e, "problem", None) or str(e).split("\n", 1)[0]
+        raise ConfigError("<file>", where, f"not valid YAML: {shorten(str(problem), 200)}") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
     return config_from_obj(raw)
+
+
+def read_config_bytes(path: str) -> bytes:
+    """The config file's bytes, refused (ConfigError) when it is not a regular file or too large
+    to be a config, without reading more than the limit."""
+    try:
+        # O_NONBLOCK: a FIFO at the config path is refused below instead of blocking the open.
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise ConfigError("--config", path, "not a regular file")
+            if st.st_size > MAX_CONFIG_BYTES:
+                raise ConfigError("--config", path, f"{st.st_size} bytes is larger than the limit of "
+                                  f"{MAX_CONFIG_BYTES} bytes")
+            return f.read(MAX_CONFIG_BYTES + 1)  # a file that grew meanwhile fails parse_config's check
+    except OSError as e:
+        raise ConfigError("--config", path, f"cannot read: {e.strerror}") from e
 
 
 def config_from_obj(raw: object) -> Config:
@@ -157,6 +271,11 @@ def config_from_obj(raw: object) -> Config:
     res_raw = root.get("resources")
     if not isinstance(res_raw, list) or not res_raw:
         raise ConfigError("resources", res_raw, "must be a non-empty list")
+    if len(res_raw) > MAX_RESOURCES:
+        raise ConfigError("resources", f"{len(res_raw)} entries", f"at most {MAX_RESOURCES} resources")
+    pf_count = sum(len(r["pfs"]) for r in res_raw if isinstance(r, dict) and isinstance(r.get("pfs"), list))
+    if pf_count > MAX_PFS:
+        raise ConfigError("resources", f"{pf_count} PF entries", f"at most {MAX_PFS} PFs in all resources")
     resources = tuple(_resource(r, f"resources[{i}]") for i, r in enumerate(res_raw))
 
     names: dict[str, str] = {}
@@ -331,7 +450,7 @@ def _mapping(raw: object, path: str, allowed: set[str]) -> dict[str, Any]:
         raise ConfigError(path, raw, "must be a mapping")
     for key in raw:
         if key not in allowed:
-            raise ConfigError(f"{path}.{key}", raw[key],
+            raise ConfigError(f"{path}.{shorten(key)}", raw[key],
                               f"unknown field; allowed: {', '.join(sorted(allowed))}")
     return raw
 

@@ -4,6 +4,38 @@ from __future__ import annotations
 
 import errno as _errno
 import os
+import reprlib
+
+# Length of values echoed into errors and logs: enough to recognise a value, never a flood.
+SHORT = 80
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 3
+_REPR.maxdict = _REPR.maxlist = _REPR.maxtuple = _REPR.maxset = _REPR.maxfrozenset = 4
+_REPR.maxstring = _REPR.maxother = SHORT
+_REPR.maxlong = 40
+
+
+def shorten(value: object, limit: int = SHORT, *, quote: bool = False) -> str:
+    """``value`` as bounded text for an error message or a log line.
+
+    Values from outside (config fields, request IDs, sysfs contents) may be megabytes long or, through
+    YAML aliases, a structure whose full repr is exponential: never format one whole. A printable
+    string is shown as it is (as a repr with ``quote``), anything else as a depth- and length-bounded
+    repr; text past ``limit`` is cut, with the full length of a string noted.
+    """
+    if isinstance(value, str):
+        head = value[:limit]
+        text = repr(head) if quote or not head.isprintable() else head
+        cut = len(value) > limit
+    else:
+        text = _REPR.repr(value)
+        cut = False
+    if len(text) > limit:
+        text, cut = text[:limit], True
+    if not cut:
+        return text
+    return f"{text}...({len(value)} chars)" if isinstance(value, str) else f"{text}..."
 
 
 class AgentError(Exception):
@@ -14,10 +46,10 @@ class ConfigError(AgentError):
     """An invalid config: names the field (a dotted path) and the offending value."""
 
     def __init__(self, field: str, value: object, reason: str) -> None:
-        self.field = field
+        self.field = shorten(field, 2 * SHORT)
         self.value = value
         self.reason = reason
-        super().__init__(f"config: {field}: {reason} (got {value!r})")
+        super().__init__(f"config: {self.field}: {reason} (got {shorten(value, quote=True)})")
 
 
 class SysfsError(AgentError):
@@ -33,21 +65,30 @@ class SysfsError(AgentError):
         super().__init__(f"{msg}; {hint}" if hint else msg)
 
 
+class SysfsContentError(SysfsError):
+    """A sysfs file holds what no kernel writes there (binary bytes, a non-number where the kernel
+    prints one, more than a sysfs attribute can hold): the device it belongs to cannot be trusted."""
+
+    def __init__(self, path: str, detail: str) -> None:
+        super().__init__(path, _errno.EBADMSG, hint=detail)
+
+
 class DeviceNotFoundError(AgentError):
     """A device named in config or a request does not exist on this node."""
 
     def __init__(self, device: str, detail: str = "") -> None:
-        self.device = device
-        super().__init__(f"device {device}: not found{': ' + detail if detail else ''}")
+        self.device = shorten(device)
+        super().__init__(f"device {self.device}: not found{': ' + detail if detail else ''}")
 
 
 class AllocationError(AgentError):
-    """An Allocate/PreStart request names a device we cannot hand out."""
+    """An Allocate/PreStart request names a device we cannot hand out (the ID is kept short: it comes
+    from the client and is echoed back in the gRPC status and the log)."""
 
     def __init__(self, device: str, reason: str) -> None:
-        self.device = device
+        self.device = shorten(device)
         self.reason = reason
-        super().__init__(f"device {device}: {reason}")
+        super().__init__(f"device {self.device}: {reason}")
 
 
 class KubeletRegistrationError(AgentError):

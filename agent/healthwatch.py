@@ -39,6 +39,9 @@ if TYPE_CHECKING:
 
 # Re-read RDMA port state this long after the latest link or device event (seconds).
 FOLLOW_UP_S = (0.5, 2.0)
+# A failed read of the node is tried again after 0.5 s, doubling up to 30 s while it keeps failing.
+RETRY_FIRST_S = 0.5
+RETRY_MAX_S = 30.0
 
 Task = Callable[["Agent"], Coroutine[Any, Any, None]]
 
@@ -139,6 +142,13 @@ class HealthWatch:
                 await rescan("re-read after a link or device event")
             elif settled:
                 await refresh("recovery settled")
+
+    def retry(self, failures: int) -> float:
+        """Re-read sysfs later: the last read failed, the ``failures``-th time in a row. Returns the delay."""
+        delay: float = min(RETRY_FIRST_S * 2.0 ** min(failures - 1, 16), RETRY_MAX_S)
+        self.rereads.add(self.clock() + delay)
+        self._wake.set()
+        return delay
 
     def _follow_up(self) -> None:
         """Re-read sysfs FOLLOW_UP_S after the latest event; a storm of events postpones them."""

@@ -11,8 +11,10 @@ a reload always applies the resource set to the served plugins.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
+import os
 import socket
 import time
 from collections import defaultdict
@@ -24,7 +26,7 @@ from typing import TYPE_CHECKING
 from agent.adapters.executor import Executor, Timeouts, VfNetlinkPort, error_reason, observe_pf
 from agent.adapters.inotify import IN_CLOSE_WRITE, IN_CREATE, IN_DELETE, IN_MOVED_TO, Inotify
 from agent.adapters.netlink_vf import PyrouteVfNetlink
-from agent.config import Config, parse_config
+from agent.config import Config, parse_config, read_config_bytes
 from agent.core.discovery import Resolution
 from agent.core.reconcile import (
     Action,
@@ -69,7 +71,7 @@ class Lifecycle:
         self.startup_wait = startup_wait
         self.max_rounds = max_rounds
         self.config_error = ""  # why the last config reload was rejected ("" when it was accepted)
-        self._config_text = _read_text(agent.settings.config)
+        self._config_bytes = _read_bytes(agent.settings.config)
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._reasons: list[str] = []
@@ -137,34 +139,35 @@ class Lifecycle:
                 log.error("config hot-reload disabled: %s", e, extra=ctx("config-reload", str(path)))
                 await asyncio.Event().wait()
             reload = guarded("config reload", self._reload_event, self.agent.stats)
-            async for ev in ino.events():
-                if ev.name in (path.name, "..data"):
-                    await reload()
+            # The event generator is closed before the fd it reads, whatever ends the loop.
+            async with contextlib.aclosing(ino.events()) as events:
+                async for ev in events:
+                    if ev.name in (path.name, "..data"):
+                        await reload()
         finally:
             ino.close()
 
     async def _reload_event(self) -> None:
-        self.reload_config()
+        await self.reload_config()
 
-    def reload_config(self, force: bool = False) -> bool:
+    async def reload_config(self, force: bool = False) -> bool:
         """Re-read the config file; adopt it if it is new (or ``force``, for SIGHUP) and valid.
-        False when it was rejected (the last good config stays in force)."""
+        False when it was rejected (the last good config stays in force).
+
+        Reading and parsing run in a worker thread: the file is bounded (agent.config), but even a
+        large one must not stall health answers and ListAndWatch streams.
+        """
         path = self.agent.settings.config
-        text = _read_text(path)
-        if text is None and force:
-            log.error("config cannot be read; keeping the last good one", extra=ctx("config-reload", path))
-            return False
-        if text is None or (text == self._config_text and not force):
-            return True
-        self._config_text = text
         try:
-            new = parse_config(text)
+            new = await asyncio.to_thread(self._read_new_config, path, force)
         except ConfigError as e:
             self.config_error = str(e)
             self.agent.stats.inc("config_reloads", result="invalid")
             log.error("new config rejected; keeping the last good one: %s", e,
                       extra=ctx("config-reload", path))
             return False
+        if new is None:
+            return True
         self.config_error = ""
         self.agent.stats.inc("config_reloads", result="ok")
         old_names = {r.resource_name for r in self.agent.config.resources}
@@ -177,6 +180,18 @@ class Lifecycle:
         self._config_changed = True
         self.trigger("config changed")
         return True
+
+    def _read_new_config(self, path: str, force: bool = False) -> Config | None:
+        """The file's config when its bytes changed since the last read (or ``force``); None when
+        unchanged or gone (a ConfigMap update swaps a symlink; a file removed for a moment is not an
+        error, except to a SIGHUP that asked for it)."""
+        if not os.path.exists(path) and not force:
+            return None
+        data = read_config_bytes(path)
+        if data == self._config_bytes and not force:
+            return None
+        self._config_bytes = data  # a rejected file is reported once, not on every event
+        return parse_config(data)
 
     # ------------------------------------------------------------ reconcile
     async def reconcile(self, trigger: str) -> None:
@@ -340,8 +355,8 @@ def format_plan(actions: tuple[Action, ...]) -> str:
     return "\n".join(lines)
 
 
-def _read_text(path: str) -> str | None:
+def _read_bytes(path: str) -> bytes | None:
     try:
-        return Path(path).read_text()
-    except OSError:
+        return read_config_bytes(path)
+    except ConfigError:
         return None

@@ -84,6 +84,7 @@ class VfInfo:
     netdev: NetdevInfo | None = None
     rdma: RdmaDevice | None = None
     numa_node: int = -1  # -1: the platform reports no NUMA affinity
+    error: str = ""  # why its sysfs files could not be read ("" when they could): it is Unhealthy
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,7 @@ class PciDevice:
     device: str  # "1021"
     physfn: str | None  # set for VFs
     netdevs: tuple[str, ...] = ()
+    error: str = ""  # why its sysfs files could not be read; its ids are then unknown ("")
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ from typing import Protocol
 import grpc
 
 from agent._pb.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
-from agent.errors import AllocationError, PluginSocketError
+from agent.core.inventory import MAX_CONTAINER_REQUESTS
+from agent.errors import AllocationError, PluginSocketError, shorten
 from agent.logs import ctx
 from agent.model import ContainerAllocation, ResourceView
 
@@ -32,7 +33,7 @@ class PluginBackend(Protocol):
 
     async def changed(self, after_version: int) -> tuple[int, ResourceView]: ...
 
-    def allocate(self, ids: Sequence[str]) -> ContainerAllocation: ...
+    def allocate(self, requests: Sequence[Sequence[str]]) -> list[ContainerAllocation]: ...
 
     def preferred(self, available: Sequence[str], must_include: Sequence[str], size: int) -> list[str]: ...
 
@@ -106,34 +107,46 @@ class DevicePluginServicer(api_pb2_grpc.DevicePluginServicer):
                                           api_pb2.PreferredAllocationResponse],
     ) -> api_pb2.PreferredAllocationResponse:
         out = []
-        for req in request.container_requests:
-            ids = self.backend.preferred(list(req.available_deviceIDs), list(req.must_include_deviceIDs),
-                                         req.allocation_size)
-            out.append(api_pb2.ContainerPreferredAllocationResponse(deviceIDs=ids))
+        try:
+            if len(request.container_requests) > MAX_CONTAINER_REQUESTS:
+                raise AllocationError(f"<{len(request.container_requests)} requests>",
+                                      f"at most {MAX_CONTAINER_REQUESTS} container requests in one call")
+            for req in request.container_requests:
+                ids = self.backend.preferred(list(req.available_deviceIDs), list(req.must_include_deviceIDs),
+                                             req.allocation_size)
+                out.append(api_pb2.ContainerPreferredAllocationResponse(deviceIDs=ids))
+        except AllocationError as e:
+            log.warning("preferred allocation refused: %s", e,
+                        extra=ctx("preferred-allocation", e.device, resource=self.resource_name,
+                                  reason=e.reason))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return api_pb2.PreferredAllocationResponse(container_responses=out)
 
     async def Allocate(
         self, request: api_pb2.AllocateRequest,
         context: grpc.aio.ServicerContext[api_pb2.AllocateRequest, api_pb2.AllocateResponse],
     ) -> api_pb2.AllocateResponse:
-        """One response per container request; an unknown or unhealthy ID fails the whole call."""
+        """One response per container request; one bad request fails the whole call, with no side effect.
+
+        The client's IDs are echoed only cut short (errors.shorten): a 1 MB ID must give a short
+        INVALID_ARGUMENT, not a status too large for gRPC metadata, nor a megabyte log line.
+        """
         start = time.perf_counter()
-        responses = []
+        requests = [list(req.devices_ids) for req in request.container_requests]
         try:
-            for req in request.container_requests:
-                alloc = self.backend.allocate(list(req.devices_ids))
-                responses.append(allocation_to_proto(alloc))
-                log.info("allocated %s", ",".join(req.devices_ids),
-                         extra=ctx("allocate", ",".join(req.devices_ids), resource=self.resource_name))
+            allocs = self.backend.allocate(requests)
         except AllocationError as e:
             log.warning("allocate refused: %s", e,
                         extra=ctx("allocate", e.device, resource=self.resource_name, reason=e.reason))
             if self.on_allocate:
                 self.on_allocate(time.perf_counter() - start, False)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        for ids in requests:
+            joined = shorten(",".join(ids), 200)
+            log.info("allocated %s", joined, extra=ctx("allocate", joined, resource=self.resource_name))
         if self.on_allocate:
             self.on_allocate(time.perf_counter() - start, True)
-        return api_pb2.AllocateResponse(container_responses=responses)
+        return api_pb2.AllocateResponse(container_responses=[allocation_to_proto(a) for a in allocs])
 
     async def PreStartContainer(
         self, request: api_pb2.PreStartContainerRequest,

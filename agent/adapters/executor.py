@@ -106,7 +106,10 @@ class Executor:
         thread = threading.Thread(target=work, name=f"kernel-{pf}", daemon=True)
         thread.start()
         try:
-            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for returns the result of a future that finished
+            # just as the caller was cancelled, swallowing the cancellation (a shutdown then never ends).
+            async with asyncio.timeout(timeout):
+                return await asyncio.shield(fut)
         except TimeoutError:
             self._stuck[pf] = (thread, what)
             fut.add_done_callback(functools.partial(_late, pf, what))

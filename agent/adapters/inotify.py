@@ -8,7 +8,7 @@ import ctypes.util
 import errno
 import os
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from agent.errors import SysfsError
@@ -71,10 +71,11 @@ class Inotify:
             out.append(InotifyEvent(wd, mask, name))
         return out
 
-    async def events(self) -> AsyncIterator[InotifyEvent]:
+    async def events(self) -> AsyncGenerator[InotifyEvent, None]:
         loop = asyncio.get_running_loop()
         ready = asyncio.Event()
-        loop.add_reader(self.fd, ready.set)
+        fd = self.fd  # the reader is removed by the fd it was added for, even after close()
+        loop.add_reader(fd, ready.set)
         try:
             while True:
                 await ready.wait()
@@ -82,7 +83,7 @@ class Inotify:
                 for ev in self.read_events():
                     yield ev
         finally:
-            loop.remove_reader(self.fd)
+            loop.remove_reader(fd)
 
     def close(self) -> None:
         if self.fd >= 0:

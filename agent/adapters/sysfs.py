@@ -2,6 +2,12 @@
 
 Everything here is a thin translation of files into model values; OSErrors become SysfsError
 with the path and errno. No decisions are made here: core/ decides.
+
+Nothing read here is trusted: a read takes at most one page (``MAX_ATTR_BYTES``, what a sysfs
+attribute can hold), never blocks on a FIFO, and a file holding what no kernel writes (binary bytes,
+a non-number in ``sriov_numvfs``) or a symlink loop is a SysfsError naming the path. Such an error
+belongs to one device: a listing marks that device, a PF read leaves out that VF's details and marks
+it (``VfInfo.error``), and every other device is read as usual.
 """
 
 from __future__ import annotations
@@ -11,8 +17,14 @@ import os
 from pathlib import Path
 from typing import Protocol
 
-from agent.errors import SysfsError
+from agent.errors import SysfsContentError, SysfsError, shorten
 from agent.model import NetdevInfo, PciDevice, PfInfo, RdmaDevice, RdmaPort, VfInfo, is_pci_address
+
+# A sysfs attribute is at most one page; Linux prints into a PAGE_SIZE buffer.
+MAX_ATTR_BYTES = 4096
+# Errors with which the kernel says "no value now" (carrier of a down link, counters of an unbound
+# driver): the attribute reads as absent.
+_NO_VALUE = (errno.EINVAL, errno.ENODEV, errno.EOPNOTSUPP, errno.ENXIO, errno.ENOTDIR, errno.ENOENT)
 
 
 class SysfsWriter(Protocol):
@@ -64,10 +76,15 @@ class SysfsHost:
             return []
         for name in names:
             d = base / name
-            vendor = _hexid(_read_opt(d / "vendor"))
-            device = _hexid(_read_opt(d / "device"))
             physfn = _link_name(d / "physfn")
-            out.append(PciDevice(name, vendor, device, physfn, tuple(_listdir(d / "net"))))
+            try:
+                vendor = _hexid(_read_opt(d / "vendor"))
+                device = _hexid(_read_opt(d / "device"))
+                nets = tuple(_listdir(d / "net"))
+            except SysfsError as e:
+                out.append(PciDevice(name, "", "", physfn, error=str(e)))
+                continue
+            out.append(PciDevice(name, vendor, device, physfn, nets))
         return out
 
     def netdev_pci_address(self, ifname: str) -> str | None:
@@ -80,14 +97,14 @@ class SysfsHost:
         d = self.pci_dir(address)
         if not d.exists():
             raise SysfsError(str(d), errno.ENOENT)
-        total_raw = _read_opt(d / "sriov_totalvfs")
-        total = _int_or(total_raw, 0) if total_raw is not None else None
-        numvfs_raw = _read_opt(d / "sriov_numvfs")
+        # The VF count decides what a reconcile writes: a value that is not a number is never guessed.
+        total = _count_opt(d / "sriov_totalvfs")
+        numvfs = _count_opt(d / "sriov_numvfs")
         autoprobe = _read_opt(d / "sriov_drivers_autoprobe")
         netdev = self._first_netdev(d)
         vfs: tuple[VfInfo, ...] = ()
         if with_vfs:
-            vfs = tuple(self.read_vf(a, i, address) for i, a in self.vf_links(address))
+            vfs = tuple(self._vf_or_error(a, i, address) for i, a in self.vf_links(address))
         return PfInfo(
             pci_address=address,
             vendor=_hexid(_read_opt(d / "vendor")),
@@ -96,7 +113,7 @@ class SysfsHost:
             netdev=netdev,
             numa_node=_int_or(_read_opt(d / "numa_node"), -1),
             sriov_totalvfs=total,
-            sriov_numvfs=_int_or(numvfs_raw, 0),
+            sriov_numvfs=numvfs or 0,
             vfs=vfs,
             rdma=self._first_rdma(d),
             sriov_drivers_autoprobe=None if autoprobe is None else autoprobe == "1",
@@ -107,7 +124,7 @@ class SysfsHost:
         d = self.pci_dir(pf_address)
         out = []
         for name in _listdir(d):
-            if name.startswith("virtfn") and name[6:].isdigit():
+            if name.startswith("virtfn") and _is_number(name[6:]):
                 target = _link_name(d / name)
                 if target:
                     out.append((int(name[6:]), target))
@@ -123,7 +140,14 @@ class SysfsHost:
 
     def netdev_mtu(self, address: str, ifname: str) -> int | None:
         mtu = _read_opt(self.pci_dir(address) / "net" / ifname / "mtu")
-        return int(mtu) if mtu is not None and mtu.isdigit() else None
+        return int(mtu) if mtu is not None and _is_number(mtu) else None
+
+    def _vf_or_error(self, address: str, index: int, pf_address: str) -> VfInfo:
+        """One VF whose files cannot be read must not hide its siblings: it is kept, marked."""
+        try:
+            return self.read_vf(address, index, pf_address)
+        except SysfsError as e:
+            return VfInfo(pci_address=address, index=index, pf_pci_address=pf_address, error=str(e))
 
     def read_vf(self, address: str, index: int, pf_address: str) -> VfInfo:
         d = self.pci_dir(address)
@@ -152,10 +176,13 @@ class SysfsHost:
         """Integer files of ports/<port>/<group> ("counters" or "hw_counters") of an RDMA device.
 
         Files the kernel refuses or that hold no integer ("N/A (no PMA)") are left out, as
-        node_exporter does; a missing group gives an empty dict.
+        node_exporter does; a missing or unreadable group gives an empty dict.
         """
         d = self.sys / "class/infiniband" / rdma / "ports" / str(port) / group
-        return _int_files(d, _listdir(d))
+        try:
+            return _int_files(d, _listdir(d))
+        except SysfsError:
+            return {}
 
     def read_netdev_stats(self, ifname: str, names: tuple[str, ...]) -> dict[str, int]:
         """The named files of /sys/class/net/<ifname>/statistics (empty when the netdev is not here)."""
@@ -225,7 +252,7 @@ class SysfsHost:
     def _rdma(self, ib: Path, name: str) -> RdmaDevice:
         ports = []
         for p in _listdir(ib / "ports"):
-            if not p.isdigit():
+            if not _is_number(p):
                 continue
             pd = ib / "ports" / p
             state, state_name = _numbered(_read_opt(pd / "state"))
@@ -251,34 +278,79 @@ class SysfsHost:
     def _uverbs_by_class(self, name: str) -> str | None:
         base = self.sys / "class/infiniband_verbs"
         for n in _listdir(base):
-            if _read_opt(base / n / "ibdev") == name:
+            if _ibdev_of(base / n) == name:
                 return n
         return None
 
 
 def _char_devs_of(class_dir: Path, ibdev: str) -> list[str]:
     """Entries of <pci>/infiniband_verbs or infiniband_mad whose ibdev names the RDMA device."""
-    return [n for n in _listdir(class_dir) if _read_opt(class_dir / n / "ibdev") == ibdev]
+    return [n for n in _listdir(class_dir) if _ibdev_of(class_dir / n) == ibdev]
+
+
+def _ibdev_of(char_dev: Path) -> str | None:
+    """The RDMA device a uverbs/umad entry belongs to; an unreadable entry is some other device's
+    problem (it names none we look for), not the reader's."""
+    try:
+        return _read_opt(char_dev / "ibdev")
+    except SysfsError:
+        return None
 
 
 def _listdir(path: Path) -> list[str]:
+    """Sorted names in a sysfs directory; none when it does not exist. A loop or an I/O error is
+    a SysfsError: the device is there but cannot be read."""
     try:
         return sorted(os.listdir(path))
     except (FileNotFoundError, NotADirectoryError):
         return []
+    except OSError as e:
+        raise SysfsError(str(path), e.errno or errno.EIO, op="list") from e
 
 
 def _read_opt(path: Path) -> str | None:
-    """Read a sysfs attribute; None when it does not exist or the kernel refuses (EINVAL/ENODEV)."""
+    """Read a sysfs attribute (at most one page, stripped); None when it does not exist or the kernel
+    refuses (EINVAL/ENODEV). Bytes no kernel prints there raise SysfsContentError."""
     try:
-        with open(path) as f:
-            return f.read().strip()
-    except FileNotFoundError:
-        return None
+        # O_NONBLOCK: a FIFO planted where an attribute should be reads as empty instead of hanging.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
-        if e.errno in (errno.EINVAL, errno.ENODEV, errno.EOPNOTSUPP, errno.ENXIO, errno.ENOTDIR):
+        if e.errno in _NO_VALUE:
             return None
         raise SysfsError(str(path), e.errno or errno.EIO) from e
+    try:
+        data = os.read(fd, MAX_ATTR_BYTES + 1)
+    except OSError as e:
+        if e.errno in _NO_VALUE or e.errno == errno.EAGAIN:
+            return None
+        raise SysfsError(str(path), e.errno or errno.EIO) from e
+    finally:
+        os.close(fd)
+    if len(data) > MAX_ATTR_BYTES:
+        raise SysfsContentError(str(path), f"more than {MAX_ATTR_BYTES} bytes: no sysfs attribute holds that")
+    try:
+        text = data.decode("utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise SysfsContentError(str(path), f"not text (byte 0x{data[e.start]:02x} at offset {e.start})") \
+            from None
+    if not text.isprintable():
+        raise SysfsContentError(str(path), f"not text: {shorten(text, 40, quote=True)}")
+    return text
+
+
+def _count_opt(path: Path) -> int | None:
+    """A count the kernel prints as a decimal number (sriov_numvfs); None when the file is absent."""
+    text = _read_opt(path)
+    if text is None:
+        return None
+    if not _is_number(text):
+        raise SysfsContentError(str(path), f"not a number: {shorten(text, 40, quote=True)}")
+    return int(text)
+
+
+def _is_number(text: str) -> bool:
+    """ASCII digits only ("²".isdigit() is True, yet int() refuses it)."""
+    return text.isascii() and text.isdigit()
 
 
 def _int_files(d: Path, names: list[str] | tuple[str, ...]) -> dict[str, int]:
@@ -292,7 +364,7 @@ def _int_files(d: Path, names: list[str] | tuple[str, ...]) -> dict[str, int]:
     try:
         for name in names:
             try:
-                fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
+                fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK, dir_fd=dir_fd)
             except OSError:
                 continue  # gone, EACCES, ...: one counter must not hide the others
             try:

@@ -53,13 +53,18 @@ def resolve_pfs(config: Config, pci: Sequence[PciDevice],
                 continue
             addrs = [sel.pci_address]
         else:
+            # A device whose ids could not be read matches no id; it is reported if named otherwise.
             addrs = [d.pci_address for d in pci
-                     if d.vendor == sel.vendor and d.device == sel.device and d.physfn is None]
+                     if d.vendor == sel.vendor and d.device == sel.device and d.physfn is None
+                     and not d.error]
             if not addrs:
                 problems.append(f"{where}: no physical function with that id")
                 continue
         for addr in addrs:
             dev = by_addr.get(addr)
+            if dev is not None and dev.error:
+                problems.append(f"{where}: {addr} cannot be read: {dev.error}")
+                continue
             if dev is not None and dev.physfn is not None:
                 problems.append(f"{where}: {addr} is a VF of {dev.physfn}, not a PF")
                 continue

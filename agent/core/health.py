@@ -86,6 +86,8 @@ def vf_health(pf: PfInfo, vf: VfInfo, rdma_required: bool, in_pod: bool = False)
     A VF whose netdev (or RDMA device, in exclusive netns mode) left the host because it is in
     a pod is not unhealthy: ``in_pod`` says the VF is allocated, so its absence is expected.
     """
+    if vf.error:
+        return Health.UNHEALTHY, f"cannot read the VF from sysfs: {vf.error}"
     if pci_gone(vf):
         return Health.UNHEALTHY, GONE
     if vf.driver is None:

@@ -23,6 +23,12 @@ DEVINFO_VERSION = "1.1.0"  # k8snetworkplumbingwg device-info-spec
 RDMA_CM = "/dev/infiniband/rdma_cm"
 NCCL_IB_HCA = "NCCL_IB_HCA"
 
+# Bounds on what a device-plugin client may send. Our IDs are PCI addresses (12 characters); the kubelet
+# sends one container request per Allocate and at most every device of the resource in a list.
+MAX_DEVICE_ID_CHARS = 64
+MAX_REQUEST_IDS = 4096
+MAX_CONTAINER_REQUESTS = 64
+
 
 @dataclass(frozen=True)
 class NodeState:
@@ -48,6 +54,35 @@ def build_view(resource: ResourceConfig, pfs: Sequence[PfInfo], in_pod: Collecti
     return ResourceView(resource.resource_name, tuple(sorted(devices, key=lambda d: d.id)))
 
 
+def check_ids(ids: Sequence[str], field: str, *, unique: bool) -> None:
+    """Refuse a list of device IDs no kubelet sends: too many, too long, or (``unique``) repeated."""
+    if len(ids) > MAX_REQUEST_IDS:
+        raise AllocationError(f"<{len(ids)} IDs>", f"{field}: at most {MAX_REQUEST_IDS} device IDs")
+    seen: set[str] = set()
+    for dev_id in ids:
+        if len(dev_id) > MAX_DEVICE_ID_CHARS:
+            raise AllocationError(dev_id, f"{field}: a device ID is at most {MAX_DEVICE_ID_CHARS} characters")
+        if unique and dev_id in seen:
+            raise AllocationError(dev_id, f"{field}: named more than once")
+        seen.add(dev_id)
+
+
+def allocate_all(resource: ResourceConfig, requests: Sequence[Sequence[str]], view: ResourceView,
+                 node: NodeState, dev_exists: Callable[[str], bool]) -> list[ContainerAllocation]:
+    """Every container request of one Allocate call, or AllocationError for the first bad one.
+
+    Pure, so the caller writes device-info files and records allocations only once the whole call is
+    known to succeed. A VF goes to one container: naming it in two requests of one call is refused.
+    """
+    if len(requests) > MAX_CONTAINER_REQUESTS:
+        raise AllocationError(f"<{len(requests)} requests>",
+                              f"at most {MAX_CONTAINER_REQUESTS} container requests in one call")
+    for ids in requests:
+        check_ids(ids, "devices_ids", unique=True)
+    check_ids([i for ids in requests for i in ids], "devices_ids of all container requests", unique=True)
+    return [allocate(resource, ids, view, node, dev_exists) for ids in requests]
+
+
 def allocate(resource: ResourceConfig, ids: Sequence[str], view: ResourceView, node: NodeState,
              dev_exists: Callable[[str], bool]) -> ContainerAllocation:
     """The container response the community SR-IOV device plugin gives, for the same IDs.
@@ -62,6 +97,7 @@ def allocate(resource: ResourceConfig, ids: Sequence[str], view: ResourceView, n
     """
     if not ids:
         raise AllocationError("<none>", "the request names no devices")
+    check_ids(ids, "devices_ids", unique=True)
     known = view.by_id()
     info: dict[str, dict[str, dict[str, str]]] = {}
     hcas: list[str] = []
@@ -117,7 +153,15 @@ def preferred_allocation(available: Sequence[str], must_include: Sequence[str], 
 
     With nothing forced, start from the smallest (NUMA, PF) group that can hold the whole
     request, so multi-VF pods land on one PF and large groups stay whole for later requests.
+    The answer is always a subset of ``available``: the kubelet passes must_include as part of it
+    (its reusable devices), so a must_include outside it is a malformed request, refused.
     """
+    check_ids(available, "available_deviceIDs", unique=False)
+    check_ids(must_include, "must_include_deviceIDs", unique=False)
+    offered = set(available)
+    for dev_id in must_include:
+        if dev_id not in offered:
+            raise AllocationError(dev_id, "in must_include_deviceIDs but not in available_deviceIDs")
     by_id = view.by_id()
     chosen = [i for i in dict.fromkeys(must_include)][:max(size, 0)]
     pool = [i for i in dict.fromkeys(available) if i not in chosen and i in by_id]

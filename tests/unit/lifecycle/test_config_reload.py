@@ -44,11 +44,11 @@ def test_invalid_config_is_rejected_and_the_last_good_one_kept(sim_root: Path, n
     lc = Lifecycle(agent, nl, Timeouts(vf_wait=5))
     good = agent.config
     Path(settings.config).write_text(text)
-    assert lc.reload_config() is False
+    assert asyncio.run(lc.reload_config()) is False
     assert agent.config is good and field in lc.config_error
     assert agent.stats.get("config_reloads", result="invalid") == 1
     Path(settings.config).write_text(CX7_CONFIG.replace("numVfs: 4", "numVfs: 2"))
-    assert lc.reload_config() is True and lc.config_error == ""
+    assert asyncio.run(lc.reload_config()) is True and lc.config_error == ""
     assert agent.config.resources[0].pfs[0].num_vfs == 2
     asyncio.run(lc.reconcile("config changed"))
     assert node.pf("enP2p1s0f0np0").numvfs == 2
