@@ -99,13 +99,14 @@ class PluginLifecycle:
 
     def __init__(self, plugin_dir: str, resource_name: str, server: DevicePluginServer,
                  on_registered: Callable[[bool], None] | None = None,
-                 max_backoff: float = 5.0) -> None:
+                 max_backoff: float = 5.0, *, before_register: Callable[[], None] | None = None) -> None:
         self.plugin_dir = plugin_dir
         self.resource_name = resource_name
         self.server = server
         self.kubelet_socket = os.path.join(plugin_dir, KUBELET_SOCKET_NAME)
         self.endpoint = os.path.basename(server.socket_path)
         self.on_registered = on_registered
+        self.before_register = before_register  # once per registration: first, and per kubelet restart
         self.max_backoff = max_backoff
         self.registered = False
         self.registrations = 0
@@ -136,6 +137,8 @@ class PluginLifecycle:
             while True:
                 if not self.server.socket_intact():
                     await self._serve_until_done()
+                if self.before_register:
+                    self.before_register()
                 if not await self._register_until_done():
                     continue  # our socket vanished while we were trying: serve again first
                 await self._wait_for_kubelet_restart()
