@@ -5,13 +5,15 @@ new kubelet.sock. We watch the directory with inotify: our socket vanishing mean
 a kubelet.sock with a new inode means "register again". No polling loop; a capped backoff only
 covers a kubelet that is not up yet, and any event in the directory cuts it short.
 
-Three details make that prompt in every ordering, and exactly one Register per kubelet.sock:
+Four details make that prompt in every ordering, and exactly one Register per kubelet.sock:
 
 * the wake-up event is cleared when an attempt starts, never when the wait after it starts, so
   an event that arrives while a Register is in flight ends that wait at once;
 * the Go kubelet's ``net.Listen`` binds kubelet.sock (IN_CREATE) before it listens, and no event
   marks the listen(): a refused connect on a kubelet.sock that appeared under ``LISTEN_GRACE_S``
   ago is retried every ``LISTEN_RETRY_S``, a bounded retry that the IN_CREATE starts;
+* every attempt dials afresh (``_CHANNEL_OPTIONS``): no subchannel shared with another
+  channel can still be backing off from a refusal;
 * the kubelet.sock we registered with is the one in place once Register has succeeded (read
   after the call, not before: one that appeared during the call is the kubelet that answered).
 """
