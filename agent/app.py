@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.adapters.deviceplugin import DevicePluginServer, DevicePluginServicer
+from agent.adapters.devinfo import DevinfoDir
 from agent.adapters.executor import Timeouts, VfNetlinkPort
 from agent.adapters.health_server import DEVICEPLUGIN, LIFECYCLE, MONITOR, HealthServer
 from agent.adapters.kubelet import PluginLifecycle
@@ -24,8 +25,15 @@ from agent.adapters.sysfs import SysfsHost, SysfsWriter
 from agent.config import Config, ResourceConfig, parse_config, read_config_bytes
 from agent.core.discovery import Resolution, pf_problem, resolve_pfs
 from agent.core.hygiene import fenced
-from agent.core.inventory import NodeState, allocate_all, build_view, preferred_allocation
-from agent.errors import AllocationError, SysfsError, shorten
+from agent.core.inventory import (
+    NodeState,
+    allocate_all,
+    build_view,
+    devinfo_files,
+    devinfo_owner,
+    preferred_allocation,
+)
+from agent.errors import AllocationError, DevinfoError, SysfsError, shorten
 from agent.guard import guarded
 from agent.healthwatch import HealthWatch
 from agent.hygiene import VfHygiene
@@ -149,6 +157,7 @@ class Agent:
     pinned: dict[str, tuple[str, str]] = field(default_factory=dict)  # VF -> (old resource, its PF)
     retired: dict[str, ResourceConfig] = field(default_factory=dict)  # removed, still serving a pinned VF
     pin_poll_s: float = PIN_POLL_S
+    devinfo_synced: dict[str, str] | None = None  # device-info files last made to match, by name
     _scan_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _scan_failures: int = 0  # rescans in a row that raised
     _run_task: asyncio.Task[None] | None = None
@@ -258,7 +267,7 @@ class Agent:
     async def _publish_views(self, res: Resolution, node: NodeState, reason: str) -> None:
         in_pod = self.in_pod()
         self.health_watch.settle_s = self.config.health.recovery_s
-        for resource in [*self.config.resources, *self.retired.values()]:
+        for resource in self.served_resources():
             name = resource.resource_name
             pfs = [node.pfs[m.pci_address] for m in res.for_resource(name) if m.pci_address in node.pfs]
             here = {d for d, (r, _) in self.pinned.items() if r == name}
@@ -274,6 +283,7 @@ class Agent:
             old = self.hub.views.get(name)
             if await self.hub.publish(view):
                 self._log_transitions(old, view, reason)
+        self.sync_devinfo()
 
     def _pin_moved(self, res: Resolution, node: NodeState, old: Config) -> None:
         """A VF a pod holds stays in the resource that handed it out until the pod lets go, even
@@ -341,31 +351,47 @@ class Agent:
             log.info("device removed", extra=ctx("device-remove", dev_id, resource=new.resource_name))
 
     def write_devinfo(self, allocs: Sequence[ContainerAllocation]) -> None:
-        """Device-info files for Multus, written at Allocate, mode 0444 (as the community plugin).
+        """Device-info files for Multus, written again at Allocate, mode 0444 (as the community plugin).
 
-        All of one call's files or none: the files written before a failure are removed again.
+        Every served VF has its file already (sync_devinfo), so a failure here removes nothing: the
+        call fails and records no allocation.
         """
-        d = Path(self.settings.devinfo_dir)
-        written: list[Path] = []
+        files = {name: content for alloc in allocs for name, content in alloc.devinfo.items()}
         try:
-            d.mkdir(parents=True, exist_ok=True)
-            for alloc in allocs:
-                for name, content in alloc.devinfo.items():
-                    path = d / name
-                    with contextlib.suppress(FileNotFoundError):
-                        path.unlink()
-                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
-                    written.append(path)
-                    try:
-                        os.write(fd, content.encode())
-                    finally:
-                        os.close(fd)
-        except OSError as e:
-            for path in written:
-                with contextlib.suppress(OSError):
-                    path.unlink()
-            names = ",".join(name for alloc in allocs for name in alloc.devinfo)
-            raise AllocationError(names, f"cannot write device-info file in {d}: {e}") from e
+            DevinfoDir(self.settings.devinfo_dir).write(files)
+        except DevinfoError as e:
+            raise AllocationError(",".join(files), f"cannot write device-info file: {e}") from e
+
+    def served_resources(self) -> list[ResourceConfig]:
+        """The configured resources and removed ones still serving a VF a pod holds."""
+        return [*self.config.resources, *self.retired.values()]
+
+    def sync_devinfo(self, force: bool = False) -> None:
+        """One device-info file for every VF served, none for a VF that is not (stale files of our
+        resources included, other plugins' files never touched).
+
+        Runs whenever the views change, so before the first registration, and forced before every
+        registration: after a node reboot the kubelet re-admits pods from its checkpoint without an
+        Allocate, and Multus still finds each VF's file. A file that cannot be written is logged and
+        retried at the next change; serving goes on.
+        """
+        want: dict[str, str] = {}
+        served = self.served_resources()
+        for resource in served:
+            view = self.hub.views.get(resource.resource_name)
+            if view is not None:
+                want.update(devinfo_files(resource, view, self.node))
+        if want == self.devinfo_synced and not force:
+            return
+        ours = devinfo_owner([r.resource_name for r in served])
+        result = DevinfoDir(self.settings.devinfo_dir).sync(want, ours)
+        for name in result.written:
+            log.info("device-info file written", extra=ctx("devinfo-write", name))
+        for name in result.removed:
+            log.info("device-info file removed: its VF is not served", extra=ctx("devinfo-remove", name))
+        for problem in result.problems:
+            log.error("%s", problem, extra=ctx("devinfo", problem.path, reason=problem.reason))
+        self.devinfo_synced = None if result.problems else want
 
     # ------------------------------------------------------------ running
     async def run(self, ready: asyncio.Event | None = None) -> None:
@@ -420,7 +446,8 @@ class Agent:
         servicer = DevicePluginServicer(name, backend, on_allocate=on_allocate)
         sock = os.path.join(self.settings.device_plugin_dir, resource.socket_name)
         lifecycle = PluginLifecycle(self.settings.device_plugin_dir, name, DevicePluginServer(sock, servicer),
-                                    on_registered=self._registered_counter(name))
+                                    on_registered=self._registered_counter(name),
+                                    before_register=lambda: self.sync_devinfo(force=True))
         self.lifecycles[name] = lifecycle
 
         def problem(reason: str) -> None:

@@ -756,13 +756,29 @@ def _registration(a: AgentFacts) -> Check:
 
 
 def _devinfo_files(f: NodeFacts) -> Check:
+    """The agent keeps one file for every VF it serves (before every registration, so Multus finds
+    it for a pod the kubelet re-admits after a reboot without an Allocate)."""
     files = f.kube.devinfo_files
+    if f.agent.advertised is not None:
+        missing = sorted(devinfo_file_name(res, i) for res, ids in f.agent.advertised.items() for i in ids
+                         if devinfo_file_name(res, i) not in files)
+        if missing:
+            return Check(
+                "Kubernetes",
+                "device-info files",
+                Status.FAIL,
+                f"{len(missing)} VF(s) advertised by the running agent have no file in "
+                f"{f.kube.devinfo_dir}: {', '.join(missing)}",
+                "Multus cannot attach such a VF to a pod the kubelet re-admits without an Allocate: "
+                "check the devinfo dir check above and the agent's log (it rewrites every file before "
+                "each registration, so a kubelet restart or an agent restart puts them back)",
+            )
     if not files:
         return Check(
             "Kubernetes",
             "device-info files",
             Status.PASS,
-            f"none in {f.kube.devinfo_dir} (they are written at Allocate)",
+            f"none in {f.kube.devinfo_dir} (the agent is not running, or serves no VF)",
         )
     advertised: dict[str, set[str]] = {}
     source = "the running agent"
@@ -798,7 +814,7 @@ def _devinfo_files(f: NodeFacts) -> Check:
             Status.FAIL,
             "; ".join(bad),
             "a wrong file misleads sriov-cni/Multus for the next pod: delete it; the agent writes a "
-            "fresh one at the next Allocate of that VF",
+            "fresh one before its next registration and at the next Allocate of that VF",
         )
     if stale:
         return Check(

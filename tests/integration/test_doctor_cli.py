@@ -90,7 +90,7 @@ def test_doctor_on_a_healthy_node_exits_0(sim_node: SimNode, capsys: pytest.Capt
     async def body() -> int:
         async with node_with_agent(sim_node, HINTED) as (settings, kubelet, _):
             vf = kubelet.healthy(RESOURCE)[0]
-            resp = await kubelet.allocate(RESOURCE, [vf])  # writes a device-info file doctor then checks
+            resp = await kubelet.allocate(RESOURCE, [vf])
             assert resp.envs["NCCL_IB_HCA"] == "=" + sim_node.rdma_name(vf)
             return await asyncio.to_thread(main, flags(settings))
 
@@ -100,7 +100,7 @@ def test_doctor_on_a_healthy_node_exits_0(sim_node: SimNode, capsys: pytest.Capt
     assert "FAIL" not in out.split("\n\n")[-1].replace("0 FAIL", "")
     assert "PASS  registration" in out and "nvidia.com/cx7_qsfp registered" in out
     assert "PASS  kubelet.sock" in out and "PASS  PodResources" in out
-    assert "1 file(s), each for a VF advertised by the running agent" in out
+    assert "4 file(s), each for a VF advertised by the running agent" in out  # one per served VF
 
 
 def test_doctor_json_and_env_vars_with_the_agent_gone(

@@ -240,6 +240,20 @@ def test_devinfo_files_agree_with_the_vfs(healthy: list[Check], sim_node: SimNod
     assert bad.status is Status.FAIL and f"rdma-device mlx5_0, but the VF's is {right}" in bad.evidence
 
 
+def test_a_vf_the_agent_advertises_without_a_devinfo_file_fails(facts: NodeFacts) -> None:
+    vfs = ("0002:01:00.2", "0002:01:00.3")
+    content = '{"type":"pci","version":"1.1.0","pci":{"pci-address":"0002:01:00.2"}}'
+    first = {"nvidia.com-cx7_qsfp-0002:01:00.2-device.json": content}
+    kube = dataclasses.replace(facts.kube, devinfo_files=first)
+    agent = AgentFacts("127.0.0.1:9809", reachable=True, deviceplugin_serving=True,
+                       registered={"nvidia.com/cx7_qsfp": True}, advertised={"nvidia.com/cx7_qsfp": vfs})
+    bad = one(run_checks(dataclasses.replace(facts, kube=kube, agent=agent)), "device-info files")
+    assert bad.status is Status.FAIL and "nvidia.com-cx7_qsfp-0002:01:00.3-device.json" in bad.evidence
+    both = {**kube.devinfo_files, "nvidia.com-cx7_qsfp-0002:01:00.3-device.json": content.replace(".2", ".3")}
+    good = dataclasses.replace(facts, kube=dataclasses.replace(kube, devinfo_files=both), agent=agent)
+    assert one(run_checks(good), "device-info files").status is Status.PASS
+
+
 def test_registration_not_serving_fails(facts: NodeFacts) -> None:
     agent = AgentFacts(
         "127.0.0.1:9809",
