@@ -158,6 +158,7 @@ class Agent:
     retired: dict[str, ResourceConfig] = field(default_factory=dict)  # removed, still serving a pinned VF
     pin_poll_s: float = PIN_POLL_S
     devinfo_synced: dict[str, str] | None = None  # device-info files last made to match, by name
+    devinfo_resources: set[str] = field(default_factory=set)  # every resource served since start
     _scan_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _scan_failures: int = 0  # rescans in a row that raised
     _run_task: asyncio.Task[None] | None = None
@@ -383,7 +384,9 @@ class Agent:
                 want.update(devinfo_files(resource, view, self.node))
         if want == self.devinfo_synced and not force:
             return
-        ours = devinfo_owner([r.resource_name for r in served])
+        # A resource a reload removed stays ours: its files go with its VFs.
+        self.devinfo_resources.update(r.resource_name for r in served)
+        ours = devinfo_owner(sorted(self.devinfo_resources))
         result = DevinfoDir(self.settings.devinfo_dir).sync(want, ours)
         for name in result.written:
             log.info("device-info file written", extra=ctx("devinfo-write", name))

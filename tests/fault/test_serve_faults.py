@@ -328,6 +328,9 @@ def test_a_removed_resource_stops_its_server_and_the_other_stays(spawn: Spawn, s
         assert kubelet.endpoints[RESOURCE] is ep and not ep.stopped and len(kubelet.healthy(RESOURCE)) == 4
         doc = await fetch_status(serve.settings.status_socket)
         assert doc["registered"] == {RESOURCE: True}
+        # The removed resource's device-info files go with it; the other resource's stay.
+        files = sorted(os.listdir(serve.settings.devinfo_dir))
+        assert files == sorted(f"nvidia.com-cx7_qsfp-{vf}-device.json" for vf in PF0_VFS), files
         await kubelet.stop()
 
     asyncio.run(body())
