@@ -1,0 +1,185 @@
+"""The peer tier: the real community SR-IOV device plugin and our agent on one simulated DGX Spark.
+
+Every node gets its own tmpfs root, network namespace and kubelet stand-in; processes, the
+namespace and the tree are removed when the test ends, pass or fail (the plugin's bind mounts
+live in its own mount namespace and go with the process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import stat
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from agent._pb.deviceplugin.v1beta1 import api_pb2
+from agent.demo import DEMO_CONFIG, demo_settings
+from agent.settings import Settings
+from agent.sim.kubelet import FakeKubelet
+from agent.sim.node import SimNode, dgx_spark
+from agent.sim.peer import NodeNetns, PluginProcess, agent_process, peer_binary, peer_process
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RESOURCE = "nvidia.com/cx7_qsfp"
+SOCKET = "nvidia.com_cx7_qsfp.sock"
+
+# The deliberate differences from the peer: key -> what differs. docs/parity.md has one line per key
+# (what, why ours is right, the upstream source); the tests check each is still observed.
+DELIBERATE = {
+    "preferred-allocation": "ours offers GetPreferredAllocation (options answered and registered)",
+    "info-rdma-dev": "ours adds rdma.rdma_dev to each device of the _INFO env",
+    "kubelet-absent": "with no kubelet.sock at start, ours waits for it; the peer exits",
+}
+
+
+class RecordingKubelet(FakeKubelet):
+    """The kubelet stand-in, also keeping every RegisterRequest as it arrived (accepted or not)."""
+
+    def __init__(self, plugin_dir: str) -> None:
+        super().__init__(plugin_dir)
+        self.requests: list[api_pb2.RegisterRequest] = []
+
+    async def Register(
+        self, request: api_pb2.RegisterRequest,
+        context: grpc.aio.ServicerContext[api_pb2.RegisterRequest, api_pb2.Empty],
+    ) -> api_pb2.Empty:
+        copy = api_pb2.RegisterRequest()
+        copy.CopyFrom(request)
+        self.requests.append(copy)
+        return await super().Register(request, context)
+
+    def listed(self, after: int = 0) -> bool:
+        """More than ``after`` registrations, and the newest endpoint has sent its device list."""
+        ep = self.endpoints.get(RESOURCE)
+        return len(self.registrations) > after and ep is not None and bool(ep.updates)
+
+
+@dataclass
+class PeerNode:
+    """A simulated DGX Spark (4 VFs on the QSFP port) with netdevs in ``netns``; both plugins' runners."""
+
+    root: Path
+    sim: SimNode
+    settings: Settings
+    netns: NodeNetns
+    binary: Path
+
+    def peer(self) -> PluginProcess:
+        return peer_process(self.binary, self.sim, self.settings, netns=self.netns,
+                            log_path=self.root / "peer.log")
+
+    def ours(self) -> PluginProcess:
+        return agent_process(self.settings, self.netns, self.root / "ours.log")
+
+    def kubelet(self) -> RecordingKubelet:
+        return RecordingKubelet(self.settings.device_plugin_dir)
+
+    def vfs(self) -> list[str]:
+        pf = self.sim.pf("enP2p1s0f0np0")
+        return [self.sim.vf_address(pf.pci_address, i) for i in range(pf.numvfs)]
+
+    def devinfo(self) -> dict[str, tuple[str, str]]:
+        """Device-info file name -> (content, permission bits as 0oNNN)."""
+        d = Path(self.settings.devinfo_dir)
+        return {p.name: (p.read_text(), oct(stat.S_IMODE(p.stat().st_mode)))
+                for p in sorted(d.iterdir())} if d.is_dir() else {}
+
+    def clear_devinfo(self) -> None:
+        for p in Path(self.settings.devinfo_dir).iterdir():
+            p.unlink()
+
+    def sockets(self) -> list[str]:
+        d = Path(self.settings.device_plugin_dir)
+        return sorted(p.name for p in d.iterdir() if stat.S_ISSOCK(p.lstat().st_mode))
+
+
+def _problem(binary: Path) -> str:
+    if not binary.is_file():
+        return f"community device plugin binary not found at {binary} (set SRIOV_PEER_BINARY)"
+    if os.geteuid() != 0:
+        return "needs root for network and mount namespaces"
+    missing = [t for t in ("ip", "unshare") if shutil.which(t) is None]
+    return f"needs {', '.join(missing)}" if missing else ""
+
+
+@pytest.fixture(scope="session")
+def binary() -> Path:
+    path = peer_binary(REPO_ROOT)
+    problem = _problem(path)
+    if problem:
+        pytest.skip(problem)
+    return path
+
+
+@contextlib.contextmanager
+def make_node(binary: Path) -> Iterator[PeerNode]:
+    """A fresh node on tmpfs (short paths: unix sockets hold 107 bytes) and its network namespace."""
+    base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+    root = Path(tempfile.mkdtemp(prefix="srap-", dir=base))
+    try:
+        sim = dgx_spark(root / "node")
+        settings = demo_settings(sim.root)
+        Path(settings.config).write_text(DEMO_CONFIG)
+        for d in (settings.device_plugin_dir, settings.devinfo_dir):
+            os.makedirs(d)
+        netns = NodeNetns.create(sim)
+        try:
+            yield PeerNode(root, sim, settings, netns, binary)
+        finally:
+            netns.delete()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def node(binary: Path) -> Iterator[PeerNode]:
+    with make_node(binary) as n:
+        yield n
+
+
+@contextlib.asynccontextmanager
+async def running(proc: PluginProcess) -> AsyncIterator[PluginProcess]:
+    """Start ``proc``; on the way out kill it if the test has not stopped it itself."""
+    await proc.start()
+    try:
+        yield proc
+    finally:
+        await proc.kill()
+
+
+@contextlib.asynccontextmanager
+async def serving(kubelet: FakeKubelet, start: bool = True) -> AsyncIterator[FakeKubelet]:
+    if start:
+        await kubelet.start()
+    try:
+        yield kubelet
+    finally:
+        await kubelet.stop()
+
+
+async def wait_listed(kubelet: RecordingKubelet, proc: PluginProcess, after: int = 0,
+                      timeout: float = 20.0) -> None:
+    """Until the plugin has registered more than ``after`` times and sent its devices; on timeout
+    the failure carries the plugin's log."""
+    try:
+        await kubelet.wait_for(lambda: kubelet.listed(after), timeout=timeout)
+    except TimeoutError:
+        state = "running" if proc.returncode is None else f"exited {proc.returncode}"
+        raise AssertionError(f"{proc.name} did not register within {timeout} s ({state}); "
+                             f"log tail:\n{proc.log()[-3000:]}") from None
+
+
+async def until(predicate: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    """For file-system conditions nothing notifies us of: re-check every 20 ms, bounded."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.02)
+    assert predicate(), what

@@ -1,0 +1,76 @@
+"""Kubelet orderings with both plugins: what each does when the kubelet restarts or is not up yet.
+
+The peer notices a kubelet restart only by polling its own socket every 5 s, so its waits here
+allow for a full poll interval plus start-up under load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+from agent._pb.deviceplugin.v1beta1 import api_pb2
+from agent.sim.peer import PluginProcess
+
+from .conftest import DELIBERATE, SOCKET, PeerNode, RecordingKubelet, running, serving, until, wait_listed
+
+pytestmark = pytest.mark.peer
+
+
+Files = dict[str, tuple[str, str]]
+
+
+async def _restart_round(node: PeerNode, kubelet: RecordingKubelet,
+                         proc: PluginProcess) -> tuple[list[api_pb2.RegisterRequest], Files]:
+    """Register, then a kubelet restart with the device-info files gone: re-registration and files."""
+    async with running(proc):
+        seen, asked = len(kubelet.registrations), len(kubelet.requests)
+        await wait_listed(kubelet, proc, seen)
+        node.clear_devinfo()
+        await kubelet.restart()
+        await wait_listed(kubelet, proc, seen + 1, timeout=30)
+        await kubelet.allocate("nvidia.com/cx7_qsfp", [node.vfs()[0]])  # a round trip for stragglers
+        requests = kubelet.requests[asked:]
+        devinfo = {name: v for name, v in node.devinfo().items() if node.vfs()[0] not in name}
+        await proc.kill()
+    return requests, devinfo
+
+
+def test_kubelet_restart_one_more_register_each_and_device_info_rewritten(node: PeerNode) -> None:
+    async def body() -> None:
+        async with serving(node.kubelet()) as kubelet:
+            assert isinstance(kubelet, RecordingKubelet)
+            peer_requests, peer_devinfo = await _restart_round(node, kubelet, node.peer())
+            our_requests, our_devinfo = await _restart_round(node, kubelet, node.ours())
+        assert len(peer_requests) == 2  # one Register per kubelet.sock
+        assert [(r.version, r.endpoint, r.resource_name) for r in our_requests] == \
+            [(r.version, r.endpoint, r.resource_name) for r in peer_requests]
+        # The peer writes a file for every VF when it serves again; Allocate wrote only the first VF's.
+        assert sorted(peer_devinfo) == [f"nvidia.com-cx7_qsfp-{vf}-device.json" for vf in node.vfs()[1:]]
+        assert our_devinfo == peer_devinfo
+
+    asyncio.run(body())
+
+
+def test_no_kubelet_at_start_the_peer_exits_ours_registers_when_it_comes(node: PeerNode) -> None:
+    assert "kubelet-absent" in DELIBERATE
+
+    async def body() -> None:
+        async with serving(node.kubelet(), start=False) as kubelet:
+            assert isinstance(kubelet, RecordingKubelet)
+            async with running(node.peer()) as peer:
+                code = await peer.wait(timeout=30)
+            assert code not in (None, 0)
+            assert "unable to register with Kubelet" in peer.log()
+
+            async with running(node.ours()) as ours:
+                sock = os.path.join(node.settings.device_plugin_dir, SOCKET)
+                await until(lambda: os.path.exists(sock), "our socket never appeared")
+                await kubelet.start()
+                await wait_listed(kubelet, ours)
+                assert ours.returncode is None
+                assert len(kubelet.requests) == 1
+
+    asyncio.run(body())
