@@ -23,16 +23,21 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent.demo import DEMO_CONFIG, demo_settings
 from agent.settings import Settings
-from agent.sim.node import SimNode
+from agent.sim.node import SimNode, dgx_spark
 
 PEER_BINARY_ENV = "SRIOV_PEER_BINARY"
 PEER_BINARY_NAME = "sriovdp-v3.6.2-30-gd59e6abe6-linux-amd64"
@@ -181,8 +186,6 @@ def peer_process(binary: Path, node: SimNode, settings: Settings, *, netns: Node
     """The community plugin on ``node``, with the config for the agent's resource."""
     config = Path(settings.device_plugin_dir).parent / "sriovdp-config.json"
     config.write_text(json.dumps(PEER_CONFIG))
-    for d in (settings.device_plugin_dir, settings.devinfo_dir):
-        os.makedirs(d, exist_ok=True)
     argv = ["ip", "netns", "exec", netns.name, "unshare", "-m", "--propagation", "private",
             "sh", "-c", _PEER_MOUNTS, "sriovdp",
             str(node.sys), str(node.dev / "infiniband"), settings.device_plugin_dir, settings.devinfo_dir,
@@ -199,3 +202,60 @@ def agent_process(settings: Settings, netns: NodeNetns, log_path: Path) -> Plugi
             "--pod-resources-socket", settings.pod_resources_socket,
             "--metrics-address", settings.metrics_address, "--health-address", settings.health_address]
     return PluginProcess("ours", argv, log_path)
+
+
+@dataclass
+class PeerNode:
+    """A simulated DGX Spark (4 VFs on the QSFP port, enP2p1s0f0np0) whose netdevs are veths in
+    ``netns``; either plugin can be started on it, one at a time (they serve the same socket)."""
+
+    root: Path
+    sim: SimNode
+    settings: Settings  # our agent's, with the kubelet's directories under the node root
+    netns: NodeNetns
+    binary: Path
+
+    def peer(self, verbosity: int = 10) -> PluginProcess:
+        return peer_process(self.binary, self.sim, self.settings, netns=self.netns,
+                            log_path=self.root / "peer.log", verbosity=verbosity)
+
+    def ours(self) -> PluginProcess:
+        return agent_process(self.settings, self.netns, self.root / "ours.log")
+
+    def vfs(self) -> list[str]:
+        pf = self.sim.pf("enP2p1s0f0np0")
+        return [self.sim.vf_address(pf.pci_address, i) for i in range(pf.numvfs)]
+
+    def devinfo(self) -> dict[str, tuple[str, str]]:
+        """Device-info file name -> (content, permission bits as "0oNNN")."""
+        d = Path(self.settings.devinfo_dir)
+        return {p.name: (p.read_text(), oct(stat.S_IMODE(p.stat().st_mode))) for p in sorted(d.iterdir())}
+
+    def clear_devinfo(self) -> None:
+        for p in Path(self.settings.devinfo_dir).iterdir():
+            p.unlink()
+
+    def sockets(self) -> list[str]:
+        d = Path(self.settings.device_plugin_dir)
+        return sorted(p.name for p in d.iterdir() if stat.S_ISSOCK(p.lstat().st_mode))
+
+
+@contextlib.contextmanager
+def peer_node(binary: Path) -> Iterator[PeerNode]:
+    """A fresh node on tmpfs (short paths: a unix socket path holds 107 bytes) and its netns;
+    both removed on the way out."""
+    base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+    root = Path(tempfile.mkdtemp(prefix="srap-", dir=base))
+    try:
+        sim = dgx_spark(root / "node")
+        settings = demo_settings(sim.root)
+        Path(settings.config).write_text(DEMO_CONFIG)
+        for d in (settings.device_plugin_dir, settings.devinfo_dir):
+            os.makedirs(d)
+        netns = NodeNetns.create(sim)
+        try:
+            yield PeerNode(root, sim, settings, netns, binary)
+        finally:
+            netns.delete()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

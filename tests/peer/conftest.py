@@ -11,21 +11,14 @@ import asyncio
 import contextlib
 import os
 import shutil
-import stat
-import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import pytest
 
 from agent._pb.deviceplugin.v1beta1 import api_pb2
-from agent.demo import DEMO_CONFIG, demo_settings
-from agent.settings import Settings
 from agent.sim.kubelet import FakeKubelet
-from agent.sim.node import SimNode, dgx_spark
-from agent.sim.peer import NodeNetns, PluginProcess, agent_process, peer_binary, peer_process
+from agent.sim.peer import PeerNode, PluginProcess, peer_binary, peer_node
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RESOURCE = "nvidia.com/cx7_qsfp"
@@ -44,17 +37,14 @@ class RecordingKubelet(FakeKubelet):
     """The kubelet stand-in, also keeping every RegisterRequest as it arrived (accepted or not)."""
 
     def __init__(self, plugin_dir: str) -> None:
-        super().__init__(plugin_dir)
+        super().__init__(plugin_dir, before_register=self._record)
         self.requests: list[api_pb2.RegisterRequest] = []
 
-    async def Register(
-        self, request: api_pb2.RegisterRequest,
-        context: grpc.aio.ServicerContext[api_pb2.RegisterRequest, api_pb2.Empty],
-    ) -> api_pb2.Empty:
+    async def _record(self, request: api_pb2.RegisterRequest) -> str:
         copy = api_pb2.RegisterRequest()
         copy.CopyFrom(request)
         self.requests.append(copy)
-        return await super().Register(request, context)
+        return ""
 
     def listed(self, after: int = 0) -> bool:
         """More than ``after`` registrations, and the newest endpoint has sent its device list."""
@@ -62,43 +52,8 @@ class RecordingKubelet(FakeKubelet):
         return len(self.registrations) > after and ep is not None and bool(ep.updates)
 
 
-@dataclass
-class PeerNode:
-    """A simulated DGX Spark (4 VFs on the QSFP port) with netdevs in ``netns``; both plugins' runners."""
-
-    root: Path
-    sim: SimNode
-    settings: Settings
-    netns: NodeNetns
-    binary: Path
-
-    def peer(self) -> PluginProcess:
-        return peer_process(self.binary, self.sim, self.settings, netns=self.netns,
-                            log_path=self.root / "peer.log")
-
-    def ours(self) -> PluginProcess:
-        return agent_process(self.settings, self.netns, self.root / "ours.log")
-
-    def kubelet(self) -> RecordingKubelet:
-        return RecordingKubelet(self.settings.device_plugin_dir)
-
-    def vfs(self) -> list[str]:
-        pf = self.sim.pf("enP2p1s0f0np0")
-        return [self.sim.vf_address(pf.pci_address, i) for i in range(pf.numvfs)]
-
-    def devinfo(self) -> dict[str, tuple[str, str]]:
-        """Device-info file name -> (content, permission bits as 0oNNN)."""
-        d = Path(self.settings.devinfo_dir)
-        return {p.name: (p.read_text(), oct(stat.S_IMODE(p.stat().st_mode)))
-                for p in sorted(d.iterdir())} if d.is_dir() else {}
-
-    def clear_devinfo(self) -> None:
-        for p in Path(self.settings.devinfo_dir).iterdir():
-            p.unlink()
-
-    def sockets(self) -> list[str]:
-        d = Path(self.settings.device_plugin_dir)
-        return sorted(p.name for p in d.iterdir() if stat.S_ISSOCK(p.lstat().st_mode))
+def kubelet_for(node: PeerNode) -> RecordingKubelet:
+    return RecordingKubelet(node.settings.device_plugin_dir)
 
 
 def _problem(binary: Path) -> str:
@@ -119,29 +74,9 @@ def binary() -> Path:
     return path
 
 
-@contextlib.contextmanager
-def make_node(binary: Path) -> Iterator[PeerNode]:
-    """A fresh node on tmpfs (short paths: unix sockets hold 107 bytes) and its network namespace."""
-    base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-    root = Path(tempfile.mkdtemp(prefix="srap-", dir=base))
-    try:
-        sim = dgx_spark(root / "node")
-        settings = demo_settings(sim.root)
-        Path(settings.config).write_text(DEMO_CONFIG)
-        for d in (settings.device_plugin_dir, settings.devinfo_dir):
-            os.makedirs(d)
-        netns = NodeNetns.create(sim)
-        try:
-            yield PeerNode(root, sim, settings, netns, binary)
-        finally:
-            netns.delete()
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-
-
 @pytest.fixture
 def node(binary: Path) -> Iterator[PeerNode]:
-    with make_node(binary) as n:
+    with peer_node(binary) as n:
         yield n
 
 
@@ -156,7 +91,7 @@ async def running(proc: PluginProcess) -> AsyncIterator[PluginProcess]:
 
 
 @contextlib.asynccontextmanager
-async def serving(kubelet: FakeKubelet, start: bool = True) -> AsyncIterator[FakeKubelet]:
+async def serving(kubelet: RecordingKubelet, start: bool = True) -> AsyncIterator[RecordingKubelet]:
     if start:
         await kubelet.start()
     try:

@@ -12,9 +12,9 @@ import os
 import pytest
 
 from agent._pb.deviceplugin.v1beta1 import api_pb2
-from agent.sim.peer import PluginProcess
+from agent.sim.peer import PeerNode, PluginProcess
 
-from .conftest import DELIBERATE, SOCKET, PeerNode, RecordingKubelet, running, serving, until, wait_listed
+from .conftest import DELIBERATE, SOCKET, RecordingKubelet, kubelet_for, running, serving, until, wait_listed
 
 pytestmark = pytest.mark.peer
 
@@ -40,8 +40,7 @@ async def _restart_round(node: PeerNode, kubelet: RecordingKubelet,
 
 def test_kubelet_restart_one_more_register_each_and_device_info_rewritten(node: PeerNode) -> None:
     async def body() -> None:
-        async with serving(node.kubelet()) as kubelet:
-            assert isinstance(kubelet, RecordingKubelet)
+        async with serving(kubelet_for(node)) as kubelet:
             peer_requests, peer_devinfo = await _restart_round(node, kubelet, node.peer())
             our_requests, our_devinfo = await _restart_round(node, kubelet, node.ours())
         assert len(peer_requests) == 2  # one Register per kubelet.sock
@@ -58,8 +57,7 @@ def test_no_kubelet_at_start_the_peer_exits_ours_registers_when_it_comes(node: P
     assert "kubelet-absent" in DELIBERATE
 
     async def body() -> None:
-        async with serving(node.kubelet(), start=False) as kubelet:
-            assert isinstance(kubelet, RecordingKubelet)
+        async with serving(kubelet_for(node), start=False) as kubelet:
             async with running(node.peer()) as peer:
                 code = await peer.wait(timeout=30)
             assert code not in (None, 0)

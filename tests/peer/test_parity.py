@@ -22,16 +22,15 @@ from typing import Any
 import pytest
 
 from agent._pb.deviceplugin.v1beta1 import api_pb2
-from agent.sim.peer import PluginProcess
+from agent.sim.peer import PeerNode, PluginProcess, peer_node
 
 from .conftest import (
     DELIBERATE,
     REPO_ROOT,
     RESOURCE,
     SOCKET,
-    PeerNode,
     RecordingKubelet,
-    make_node,
+    kubelet_for,
     running,
     serving,
     wait_listed,
@@ -93,10 +92,9 @@ async def observe(node: PeerNode, kubelet: RecordingKubelet, proc: PluginProcess
 
 @pytest.fixture(scope="module")
 def parity(binary: Path) -> Parity:
-    with make_node(binary) as node:
+    with peer_node(binary) as node:
         async def both() -> Parity:
-            async with serving(node.kubelet()) as kubelet:
-                assert isinstance(kubelet, RecordingKubelet)
+            async with serving(kubelet_for(node)) as kubelet:
                 peer = await observe(node, kubelet, node.peer())
                 ours = await observe(node, kubelet, node.ours())
                 return Parity(peer, ours, node.vfs())
