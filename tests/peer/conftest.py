@@ -114,7 +114,9 @@ async def wait_listed(kubelet: RecordingKubelet, proc: PluginProcess, after: int
 
 async def until(predicate: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
     """For file-system conditions nothing notifies us of: re-check every 20 ms, bounded."""
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.02)
-    assert predicate(), what
+    try:
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"{what} within {timeout} s") from None
