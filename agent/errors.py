@@ -51,11 +51,13 @@ class AllocationError(AgentError):
 
 
 class KubeletRegistrationError(AgentError):
-    """Registration with the kubelet failed (not up yet, or it rejected us)."""
+    """Registration with the kubelet failed (not up yet, or it rejected us). ``unreachable``: no
+    kubelet answered at all (no socket, connection refused), as opposed to a kubelet saying no."""
 
-    def __init__(self, socket: str, reason: str) -> None:
+    def __init__(self, socket: str, reason: str, unreachable: bool = False) -> None:
         self.socket = socket
         self.reason = reason
+        self.unreachable = unreachable
         super().__init__(f"register with kubelet at {socket}: {reason}")
 
 

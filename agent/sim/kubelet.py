@@ -122,16 +122,17 @@ class _Listener:
 
 
 class _RegistrationService(api_pb2_grpc.RegistrationServicer):
-    """The Registration service behind one kubelet.sock."""
+    """The Registration service behind one kubelet.sock (known once that socket listens)."""
 
-    def __init__(self, kubelet: FakeKubelet, listener: _Listener) -> None:
+    def __init__(self, kubelet: FakeKubelet) -> None:
         self.kubelet = kubelet
-        self.listener = listener
+        self.listener: _Listener | None = None
 
     async def Register(
         self, request: api_pb2.RegisterRequest,
         context: grpc.aio.ServicerContext[api_pb2.RegisterRequest, api_pb2.Empty],
     ) -> api_pb2.Empty:
+        assert self.listener is not None  # connections reach us only through a listening kubelet.sock
         return await self.kubelet.handle_register(request, context, self.listener)
 
 
@@ -153,11 +154,13 @@ class FakeKubelet:
         self.started_at: float | None = None  # ... and accepts connections (listen)
         self._clients: dict[str, list[Endpoint]] = {}  # handler.go's clients, per resource
         self._listeners: list[_Listener] = []
+        self._backend: tuple[grpc.aio.Server, str, _RegistrationService] | None = None  # ready, unused
         self._changed = asyncio.Condition()
 
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> None:
         """A kubelet process starting: clean the directory, bind kubelet.sock, listen on it."""
+        await self._prepare_backend()  # first, so the bind -> listen window is listen_delay only
         self.bind()
         if self.listen_delay > 0:
             await asyncio.sleep(self.listen_delay)
@@ -184,16 +187,25 @@ class FakeKubelet:
         self.bound_at = time.monotonic()
         self.started_at = None
 
+    async def _prepare_backend(self) -> None:
+        if self._backend is None:
+            service = _RegistrationService(self)
+            backend = grpc.aio.server()
+            api_pb2_grpc.add_RegistrationServicer_to_server(service, backend)
+            name = f"sra-kubelet-{os.getpid()}-{next(_backend_ids)}"
+            backend.add_insecure_port(f"unix-abstract:{name}")
+            await backend.start()
+            self._backend = (backend, name, service)
+
     async def listen(self) -> None:
         """listen() on the bound kubelet.sock: from now on Register calls get through."""
         listener = self._listeners[-1]
         if listener.relay is not None:
             raise RuntimeError("kubelet.sock is already listening")
-        backend = grpc.aio.server()
-        api_pb2_grpc.add_RegistrationServicer_to_server(_RegistrationService(self, listener), backend)
-        name = f"sra-kubelet-{os.getpid()}-{next(_backend_ids)}"
-        backend.add_insecure_port(f"unix-abstract:{name}")
-        await backend.start()
+        await self._prepare_backend()
+        assert self._backend is not None
+        (backend, name, service), self._backend = self._backend, None
+        service.listener = listener
         listener.backend = backend
 
         async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -206,6 +218,7 @@ class FakeKubelet:
     async def relisten(self) -> None:
         """serveWithRetry in the same kubelet instance: kubelet.sock closed and removed, then a new
         one bound and listened on. Connections accepted on the old one stay open."""
+        await self._prepare_backend()
         self._close_listening(self._listeners[-1])
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket)
@@ -274,6 +287,9 @@ class FakeKubelet:
                 writer.close()
             if listener.backend is not None:
                 await listener.backend.stop(0)
+        if self._backend is not None:
+            await self._backend[0].stop(0)
+            self._backend = None
         if listeners:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.socket)
