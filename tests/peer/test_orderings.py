@@ -14,9 +14,26 @@ import pytest
 from agent._pb.deviceplugin.v1beta1 import api_pb2
 from agent.sim.peer import PeerNode, PluginProcess
 
-from .conftest import DELIBERATE, SOCKET, RecordingKubelet, kubelet_for, running, serving, until, wait_listed
+from .conftest import (
+    DELIBERATE,
+    RESOURCE,
+    SOCKET,
+    RecordingKubelet,
+    kubelet_for,
+    running,
+    serving,
+    until,
+    wait_listed,
+)
 
 pytestmark = pytest.mark.peer
+
+
+def _inode(path: str) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
 
 
 Files = dict[str, tuple[str, str]]
@@ -31,7 +48,7 @@ async def _restart_round(node: PeerNode, kubelet: RecordingKubelet,
         node.clear_devinfo()
         await kubelet.restart()
         await wait_listed(kubelet, proc, seen + 1, timeout=30)
-        await kubelet.allocate("nvidia.com/cx7_qsfp", [node.vfs()[0]])  # a round trip for stragglers
+        await kubelet.allocate(RESOURCE, [node.vfs()[0]])  # a round trip for stragglers
         requests = kubelet.requests[asked:]
         devinfo = {name: v for name, v in node.devinfo().items() if node.vfs()[0] not in name}
         await proc.kill()
@@ -63,12 +80,14 @@ def test_no_kubelet_at_start_the_peer_exits_ours_registers_when_it_comes(node: P
             assert code not in (None, 0)
             assert "unable to register with Kubelet" in peer.log()
 
+            sock = os.path.join(node.settings.device_plugin_dir, SOCKET)
+            stale = _inode(sock)  # the peer's, left behind by its fatal exit
             async with running(node.ours()) as ours:
-                sock = os.path.join(node.settings.device_plugin_dir, SOCKET)
-                await until(lambda: os.path.exists(sock), "our socket never appeared")
+                await until(lambda: _inode(sock) not in (None, stale), "our socket serving")
                 await kubelet.start()
                 await wait_listed(kubelet, ours)
+                await kubelet.allocate(RESOURCE, [node.vfs()[0]])  # a round trip for a straggler Register
                 assert ours.returncode is None
-                assert len(kubelet.requests) == 1
+                assert len(kubelet.requests) == 1, ours.log()[-3000:]
 
     asyncio.run(body())
