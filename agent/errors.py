@@ -61,6 +61,15 @@ class KubeletRegistrationError(AgentError):
         super().__init__(f"register with kubelet at {socket}: {reason}")
 
 
+class DevinfoError(AgentError):
+    """A device-info file could not be written, read or removed."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"device-info file {path}: {reason}")
+
+
 class PluginSocketError(AgentError):
     """Our device-plugin socket could not be created (bind failed, path too long, directory gone)."""
 

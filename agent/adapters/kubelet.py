@@ -5,13 +5,15 @@ new kubelet.sock. We watch the directory with inotify: our socket vanishing mean
 a kubelet.sock with a new inode means "register again". No polling loop; a capped backoff only
 covers a kubelet that is not up yet, and any event in the directory cuts it short.
 
-Three details make that prompt in every ordering, and exactly one Register per kubelet.sock:
+Four details make that prompt in every ordering, and exactly one Register per kubelet.sock:
 
 * the wake-up event is cleared when an attempt starts, never when the wait after it starts, so
   an event that arrives while a Register is in flight ends that wait at once;
 * the Go kubelet's ``net.Listen`` binds kubelet.sock (IN_CREATE) before it listens, and no event
   marks the listen(): a refused connect on a kubelet.sock that appeared under ``LISTEN_GRACE_S``
   ago is retried every ``LISTEN_RETRY_S``, a bounded retry that the IN_CREATE starts;
+* every attempt dials afresh (``_CHANNEL_OPTIONS``): no subchannel shared with another
+  channel can still be backing off from a refusal;
 * the kubelet.sock we registered with is the one in place once Register has succeeded (read
   after the call, not before: one that appeared during the call is the kubelet that answered).
 """
@@ -99,13 +101,14 @@ class PluginLifecycle:
 
     def __init__(self, plugin_dir: str, resource_name: str, server: DevicePluginServer,
                  on_registered: Callable[[bool], None] | None = None,
-                 max_backoff: float = 5.0) -> None:
+                 max_backoff: float = 5.0, *, before_register: Callable[[], None] | None = None) -> None:
         self.plugin_dir = plugin_dir
         self.resource_name = resource_name
         self.server = server
         self.kubelet_socket = os.path.join(plugin_dir, KUBELET_SOCKET_NAME)
         self.endpoint = os.path.basename(server.socket_path)
         self.on_registered = on_registered
+        self.before_register = before_register  # once per registration: first, and per kubelet restart
         self.max_backoff = max_backoff
         self.registered = False
         self.registrations = 0
@@ -136,6 +139,8 @@ class PluginLifecycle:
             while True:
                 if not self.server.socket_intact():
                     await self._serve_until_done()
+                if self.before_register:
+                    self.before_register()
                 if not await self._register_until_done():
                     continue  # our socket vanished while we were trying: serve again first
                 await self._wait_for_kubelet_restart()

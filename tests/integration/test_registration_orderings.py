@@ -11,16 +11,21 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable
+from pathlib import Path
 
+import grpc
 import pytest
 
+from agent._pb.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 from agent.adapters import kubelet as kubelet_adapter
 from agent.adapters.inotify import IN_CREATE, IN_DELETE, IN_Q_OVERFLOW, Inotify
-from agent.adapters.kubelet import PluginLifecycle
+from agent.adapters.kubelet import PluginLifecycle, register
 from agent.app import Agent
+from agent.errors import KubeletRegistrationError
 from agent.settings import Settings
 from agent.sim.kubelet import FakeKubelet
 from tests.conftest import CX7_CONFIG, RESOURCE, RunAgent
+from tests.integration.test_kubelet_standin import StreamsOnDemand
 
 VFS = ["0002:01:00.2", "0002:01:00.3", "0002:01:00.4", "0002:01:00.5"]
 WAIT = 20.0  # only against hangs: far below the 60 s backoff, far above any prompt registration
@@ -202,3 +207,31 @@ def test_inotify_queue_overflow_loses_the_restart_events(sim_settings: Settings,
         return kubelet
     assert_one_register_per_instance(asyncio.run(body()), 2)
     assert any("inotify queue overflowed" in r.getMessage() for r in caplog.records)
+
+
+def test_a_refused_connect_does_not_hold_back_the_next_attempt(sim_root: Path) -> None:
+    """grpc-core shares a subchannel between channels with the same target and arguments, and
+    keeps one whose connect was refused in reconnect backoff (1 s and up). Another resource's
+    attempt, still open, must not make our next Register fail fast once the kubelet listens."""
+    async def body() -> None:
+        kubelet = FakeKubelet(str(sim_root / "dp"))
+        kubelet.bind()
+        plugin = grpc.aio.server()
+        api_pb2_grpc.add_DevicePluginServicer_to_server(StreamsOnDemand(), plugin)
+        plugin.add_insecure_port(f"unix:{sim_root / 'dp' / 'vf.sock'}")
+        await plugin.start()
+        other = grpc.aio.insecure_channel(f"unix:{kubelet.socket}", options=kubelet_adapter._CHANNEL_OPTIONS)
+        try:
+            with pytest.raises(grpc.aio.AioRpcError):
+                await api_pb2_grpc.RegistrationStub(other).Register(api_pb2.RegisterRequest(), timeout=5)
+            with pytest.raises(KubeletRegistrationError) as refused:
+                await register(kubelet.socket, "vf.sock", "example.com/vf")
+            assert refused.value.unreachable and "Connection refused" in refused.value.reason
+            await kubelet.listen()
+            await register(kubelet.socket, "vf.sock", "example.com/vf")
+            assert kubelet.registers_per_instance("example.com/vf") == {1: 1}
+        finally:
+            await other.close()
+            await kubelet.stop()
+            await plugin.stop(0)
+    asyncio.run(body())
