@@ -84,6 +84,8 @@ def test_no_kubelet_at_start_the_peer_exits_ours_registers_when_it_comes(node: P
             stale = _inode(sock)  # the peer's, left behind by its fatal exit
             async with running(node.ours()) as ours:
                 await until(lambda: _inode(sock) not in (None, stale), "our socket serving")
+                # Its first Register has failed, so the kubelet's socket wipe cannot race an attempt.
+                await until(lambda: "kubelet not ready" in ours.log(), "our first Register failing")
                 await kubelet.start()
                 await wait_listed(kubelet, ours)
                 await kubelet.allocate(RESOURCE, [node.vfs()[0]])  # a round trip for a straggler Register
