@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -39,6 +40,8 @@ from agent.demo import DEMO_CONFIG, demo_settings
 from agent.settings import Settings
 from agent.sim.node import SimNode, dgx_spark
 
+_PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None, use_errno=True)
 PEER_BINARY_ENV = "SRIOV_PEER_BINARY"
 PEER_BINARY_NAME = "sriovdp-v3.6.2-30-gd59e6abe6-linux-amd64"
 PEER_RESOURCE_PREFIX = "nvidia.com"
@@ -72,6 +75,13 @@ mount --bind "$sys" /sys
 mount --move "$stage/dev" /dev
 exec "$stage/sriovdp" --config-file "$stage/config.json" "$@"
 """
+
+
+def _die_with_parent() -> None:
+    """PR_SET_PDEATHSIG: the plugin is killed if the test or bench process dies without cleaning up
+    (kept across the execs of ip, unshare and sh). Runs in the forked child: libc resolved before."""
+    if _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
 
 
 def peer_binary(repo_root: Path) -> Path:
@@ -147,7 +157,8 @@ class PluginProcess:
         with self.log_path.open("ab") as log:
             self.started_at = time.monotonic()
             self.proc = await asyncio.create_subprocess_exec(
-                *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log)
+                *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
+                preexec_fn=_die_with_parent)
 
     async def wait(self, timeout: float) -> int | None:
         """The exit status, or None if still running after ``timeout`` seconds."""
