@@ -13,15 +13,15 @@ finds in sysfs. So it runs
   vanish with the process.
 
 Our agent runs from its real ``serve`` command line in the same network namespace, pointed at the
-same tree by its path flags. Both are started with ``ip netns exec``, which execs (no fork), so the
-process we hold is the plugin itself: its pid is the one to signal and to read /proc of.
+same tree by its path flags. Both are started with ``setpriv --pdeathsig KILL ip netns exec``, each of
+which execs the next (no fork), so the process we hold is the plugin itself: its pid is the one to
+signal and to read /proc of.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import os
 import shutil
@@ -40,8 +40,9 @@ from agent.demo import DEMO_CONFIG, demo_settings
 from agent.settings import Settings
 from agent.sim.node import SimNode, dgx_spark
 
-_PR_SET_PDEATHSIG = 1
-_LIBC = ctypes.CDLL(None, use_errno=True)
+# The plugin gets SIGKILL if the test or bench process dies without cleaning up; set by setpriv, not
+# a preexec_fn, which would make Python fork() a process that has gRPC threads.
+_DIE_WITH_PARENT = ["setpriv", "--pdeathsig", "KILL", "--"]
 PEER_BINARY_ENV = "SRIOV_PEER_BINARY"
 PEER_BINARY_NAME = "sriovdp-v3.6.2-30-gd59e6abe6-linux-amd64"
 PEER_RESOURCE_PREFIX = "nvidia.com"
@@ -75,13 +76,6 @@ mount --bind "$sys" /sys
 mount --move "$stage/dev" /dev
 exec "$stage/sriovdp" --config-file "$stage/config.json" "$@"
 """
-
-
-def _die_with_parent() -> None:
-    """PR_SET_PDEATHSIG: the plugin is killed if the test or bench process dies without cleaning up
-    (kept across the execs of ip, unshare and sh). Runs in the forked child: libc resolved before."""
-    if _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
 
 
 def peer_binary(repo_root: Path) -> Path:
@@ -157,8 +151,7 @@ class PluginProcess:
         with self.log_path.open("ab") as log:
             self.started_at = time.monotonic()
             self.proc = await asyncio.create_subprocess_exec(
-                *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
-                preexec_fn=_die_with_parent)
+                *_DIE_WITH_PARENT, *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log)
 
     async def wait(self, timeout: float) -> int | None:
         """The exit status, or None if still running after ``timeout`` seconds."""
