@@ -30,6 +30,7 @@ DELIBERATE = {
     "preferred-allocation": "ours offers GetPreferredAllocation (options answered and registered)",
     "info-rdma-dev": "ours adds rdma.rdma_dev to each device of the _INFO env",
     "kubelet-absent": "with no kubelet.sock at start, ours waits for it; the peer exits",
+    "devinfo-kept-on-exit": "on SIGTERM ours keeps the device-info files; the peer removes them",
 }
 
 

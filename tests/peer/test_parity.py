@@ -199,6 +199,13 @@ def test_sigterm_exits_0_and_removes_the_socket(parity: Parity) -> None:
         assert o.sockets_after_exit == ["kubelet.sock"], o.log[-3000:]
 
 
+def test_device_info_files_after_sigterm(parity: Parity) -> None:
+    """DELIBERATE["devinfo-kept-on-exit"]: the VFs stay with their pods, so do their files."""
+    peer, ours = parity.peer, parity.ours
+    assert peer.devinfo_after_exit == {}
+    assert ours.devinfo_after_exit == ours.devinfo_after_allocate == peer.devinfo_after_allocate
+
+
 def test_every_deliberate_difference_is_documented() -> None:
     doc = (REPO_ROOT / "docs/parity.md").read_text()
     listed = re.findall(r"^\| `([a-z-]+)` \|", doc, flags=re.MULTILINE)
