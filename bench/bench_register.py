@@ -5,7 +5,8 @@ so the agent sees IN_CREATE before the kubelet accepts connections. Each orderin
 kubelet.sock accepting connections (listen) to the stand-in answering the agent's Register, and
 every run also counts the Registers each kubelet instance got (the target is exactly one).
 
-Orderings: the agent started while the kubelet is down; a kubelet restart; the kubelet stopped and
+Orderings: the agent started while the kubelet is down (with one resource, and with two registering
+at once); a kubelet restart; the kubelet stopped and
 started later; a restart whose bind() -> listen() window is ``--listen-delay`` long. "kubelet up
 first" is measured from Agent.run() instead (there is no kubelet.sock event to measure from).
 
@@ -34,7 +35,10 @@ from agent.sim.kubelet import FakeKubelet
 from agent.sim.node import dgx_spark
 
 RESOURCE = "nvidia.com/cx7_qsfp"
+SECOND = "example.com/cx7_port1"
 CONFIG = f"resources:\n  - {{resourceName: {RESOURCE}, pfs: [{{pfName: enP2p1s0f0np0, numVfs: 4}}]}}\n"
+# Two resources register at once, as two PluginLifecycles dialling the same kubelet.sock.
+CONFIG2 = CONFIG + f"  - {{resourceName: {SECOND}, pfs: [{{pfName: enp1s0f0np0, numVfs: 2}}]}}\n"
 # Where in the agent's retry cycle the kubelet arrives: spread over the first few backoff steps.
 AGENT_FIRST_DELAYS = (0.05, 0.25, 0.5, 0.9, 1.4, 2.0)
 
@@ -51,8 +55,8 @@ def _pct(values: Sequence[float], q: float) -> float:
 
 
 @contextlib.asynccontextmanager
-async def _agent(root: Path) -> AsyncIterator[Agent]:
-    agent = build_agent(_settings(root), parse_config(CONFIG))
+async def _agent(root: Path, config: str = CONFIG) -> AsyncIterator[Agent]:
+    agent = build_agent(_settings(root), parse_config(config))
     runner = asyncio.create_task(agent.run())
     try:
         yield agent
@@ -70,14 +74,20 @@ class Run:
         self.ms: list[float] = []
         self.exactly_once = 0
 
-    async def observe(self, kubelet: FakeKubelet, start: float) -> None:
-        """Wait for the current kubelet instance's Register; then give a second one time to show."""
+    async def observe(self, kubelet: FakeKubelet, start: float,
+                      resources: Sequence[str] = (RESOURCE,)) -> None:
+        """Wait for the current kubelet instance's Register of every resource (the latency is the
+        last one's); then give a second Register time to show."""
         instance = kubelet.instance
-        await kubelet.wait_for(lambda: kubelet.registers_per_instance(RESOURCE)[instance] >= 1, timeout=30)
-        first = next(c for c in kubelet.calls if c.instance == instance and not c.problem)
-        self.ms.append((first.at - start) * 1000)
+
+        def registered() -> bool:
+            return all(kubelet.registers_per_instance(r)[instance] >= 1 for r in resources)
+        await kubelet.wait_for(registered, timeout=30)
+        last = max(next(c.at for c in kubelet.calls if c.instance == instance and c.resource == r
+                        and not c.problem) for r in resources)
+        self.ms.append((last - start) * 1000)
         await asyncio.sleep(0.05)  # a double Register arrives 2-5 ms after the first
-        if kubelet.registers_per_instance(RESOURCE)[instance] == 1:
+        if all(kubelet.registers_per_instance(r)[instance] == 1 for r in resources):
             self.exactly_once += 1
 
     def line(self) -> str:
@@ -97,14 +107,15 @@ async def _kubelet_first(root: Path, run: Run) -> None:
         await kubelet.stop()
 
 
-async def _agent_first(root: Path, run: Run, delay: float) -> None:
+async def _agent_first(root: Path, run: Run, delay: float, config: str = CONFIG) -> None:
     kubelet = FakeKubelet(_settings(root).device_plugin_dir)
     try:
-        async with _agent(root):
+        async with _agent(root, config):
             await asyncio.sleep(delay)
             await kubelet.start()
             assert kubelet.started_at is not None
-            await run.observe(kubelet, kubelet.started_at)
+            resources = (RESOURCE, SECOND) if config == CONFIG2 else (RESOURCE,)
+            await run.observe(kubelet, kubelet.started_at, resources)
     finally:
         await kubelet.stop()
 
@@ -152,10 +163,12 @@ def main() -> int:
     logging.basicConfig(level=logging.ERROR)  # the agent's retry warnings are expected here
 
     first, agent_first = Run("kubelet up first (from Agent.run())"), Run("agent up first")
+    two = Run("agent up first, 2 resources")
     for i in range(args.runs):
         delay = AGENT_FIRST_DELAYS[i % len(AGENT_FIRST_DELAYS)]
         for one in (functools.partial(_kubelet_first, run=first),
-                    functools.partial(_agent_first, run=agent_first, delay=delay)):
+                    functools.partial(_agent_first, run=agent_first, delay=delay),
+                    functools.partial(_agent_first, run=two, delay=delay, config=CONFIG2)):
             root = _fresh_root()
             try:
                 asyncio.run(one(root))
@@ -169,7 +182,7 @@ def main() -> int:
 
     print(f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}, load {os.getloadavg()[0]:.2f}")
     print("from kubelet.sock accepting connections to the kubelet answering Register:")
-    for run in (first, agent_first, *others):
+    for run in (first, agent_first, two, *others):
         print(run.line())
     return 0
 
