@@ -110,7 +110,7 @@ def _info(alloc: api_pb2.ContainerAllocateResponse) -> dict[str, Any]:
 
 
 def _without_rdma_dev(info: dict[str, Any]) -> dict[str, Any]:
-    out = json.loads(json.dumps(info))
+    out: dict[str, Any] = json.loads(json.dumps(info))
     for entry in out.values():
         assert "rdma_dev" in entry["rdma"], "deliberate difference info-rdma-dev no longer observed"
         del entry["rdma"]["rdma_dev"]
