@@ -5,7 +5,7 @@ new kubelet.sock. We watch the directory with inotify: our socket vanishing mean
 a kubelet.sock with a new inode means "register again". No polling loop; a capped backoff only
 covers a kubelet that is not up yet, and any event in the directory cuts it short.
 
-Four details make that prompt in every ordering, and exactly one Register per kubelet.sock:
+Five details make that prompt in every ordering, and exactly one Register per kubelet.sock:
 
 * the wake-up event is cleared when an attempt starts, never when the wait after it starts, so
   an event that arrives while a Register is in flight ends that wait at once;
@@ -15,7 +15,11 @@ Four details make that prompt in every ordering, and exactly one Register per ku
 * every attempt dials afresh (``_CHANNEL_OPTIONS``): no subchannel shared with another
   channel can still be backing off from a refusal;
 * the kubelet.sock we registered with is the one in place once Register has succeeded (read
-  after the call, not before: one that appeared during the call is the kubelet that answered).
+  after the call, not before: one that appeared during the call is the kubelet that answered);
+* a kubelet starting as we serve (node boot) can wipe our socket after we checked it and then
+  answer our Register by dialling that deleted socket: while a Register is in flight, our socket
+  vanishing means "serve again now", so the kubelet's dial finds us and that one Register
+  completes. Our Register waits longer than the kubelet's 10 s dial (``REGISTER_TIMEOUT_S``).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ log = logging.getLogger(__name__)
 API_VERSION = "v1beta1"
 LISTEN_GRACE_S = 2.0  # a kubelet.sock this new that refuses connections is bound, not yet listening
 LISTEN_RETRY_S = 0.01  # retry cadence inside that window (at most 200 connects per kubelet.sock)
+REGISTER_TIMEOUT_S = 15.0  # above the kubelet's 10 s dial of our socket (devicemanager handler.go)
 
 # grpc-core shares subchannels between channels with the same target and arguments: a connect
 # refused a moment ago leaves the shared subchannel in reconnect backoff (1 s, then 1.6x), and a new
@@ -52,7 +57,8 @@ _CHANNEL_OPTIONS = [
 ]
 
 
-async def register(kubelet_socket: str, endpoint: str, resource_name: str, timeout: float = 5.0) -> None:
+async def register(kubelet_socket: str, endpoint: str, resource_name: str,
+                   timeout: float = REGISTER_TIMEOUT_S) -> None:
     """One Register call. The kubelet dials us back before answering, so we must already serve."""
     try:
         async with grpc.aio.insecure_channel(f"unix:{kubelet_socket}", options=_CHANNEL_OPTIONS) as channel:
@@ -214,7 +220,7 @@ class PluginLifecycle:
                 return False
             self.attempts += 1
             try:
-                await register(self.kubelet_socket, self.endpoint, self.resource_name)
+                await self._register_serving()
             except KubeletRegistrationError as e:
                 if backoff.first_time(e.reason):
                     log.warning("kubelet not ready, will retry: %s", e.reason,
@@ -231,6 +237,33 @@ class PluginLifecycle:
             log.info("registered with kubelet",
                      extra=ctx("register", self.endpoint, resource=self.resource_name))
             return True
+
+    async def _register_serving(self) -> None:
+        """One Register; our socket deleted while it is in flight is served again at once (the
+        kubelet that answers may be dialling it). Events seen meanwhile stay set for the caller."""
+        call = asyncio.ensure_future(register(self.kubelet_socket, self.endpoint, self.resource_name))
+        woken = False
+        try:
+            while not call.done():
+                waker = asyncio.ensure_future(self._wake.wait())
+                await asyncio.wait({call, waker}, return_when=asyncio.FIRST_COMPLETED)
+                waker.cancel()
+                if call.done() or not self._wake.is_set():
+                    continue
+                woken = True
+                self._wake.clear()
+                if not self.server.socket_intact():
+                    log.info("our socket was deleted while registering: serving again for the kubelet's dial",
+                             extra=ctx("serve", self.server.socket_path, resource=self.resource_name))
+                    await self._serve_until_done()
+            call.result()
+        finally:
+            if not call.done():
+                call.cancel()
+                with contextlib.suppress(asyncio.CancelledError, KubeletRegistrationError):
+                    await call
+            if woken:
+                self._wake.set()
 
     def _kubelet_sock_appeared(self) -> None:
         inode = _inode(self.kubelet_socket)

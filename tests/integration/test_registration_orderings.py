@@ -9,6 +9,7 @@ checking, after the agent has stopped, that every kubelet instance got exactly o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -113,6 +114,36 @@ def test_kubelet_stopped_then_started_much_later(sim_settings: Settings, run_age
             assert lifecycle.attempts == attempts + 1
         return kubelet
     assert_one_register_per_instance(asyncio.run(body()), 2)
+
+
+def test_kubelet_starting_as_we_serve_wipes_our_socket_under_an_in_flight_register(
+        sim_settings: Settings, run_agent: RunAgent) -> None:
+    """Node boot: the kubelet's wipe of our socket lands after our "socket intact" check, our Register
+    reaches the new kubelet.sock, and the kubelet dials the socket that is gone. Serving again at once
+    lets the kubelet's dial find us: that Register completes, and it is the only one."""
+    async def body() -> FakeKubelet:
+        async with run_agent(sim_settings, CX7_CONFIG, start_kubelet=False) as (agent, kubelet):
+            lifecycle = await lifecycle_of(agent)
+            await until(lambda: lifecycle.attempts >= 1)  # failed: now in a 60 s backoff
+            sock = os.path.join(sim_settings.device_plugin_dir, "nvidia.com_cx7_qsfp.sock")
+            wiped: list[int] = []
+            arrived: list[str] = []  # every Register that reached the kubelet, answered or not
+
+            async def wipe_then_dial(request: api_pb2.RegisterRequest) -> str:
+                arrived.append(request.resource_name)
+                if not wiped:  # CleanupPluginDirectory, racing in after the agent's check
+                    wiped.append(os.stat(sock).st_ino if os.path.exists(sock) else 0)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(sock)
+                return ""
+
+            kubelet.before_register = wipe_then_dial
+            await kubelet.start()
+            await registered_with_current(kubelet, agent)
+            assert wiped and os.stat(sock).st_ino != wiped[0]  # served again, under the same Register
+            assert arrived == [RESOURCE] and not kubelet.rejections
+        return kubelet
+    assert_one_register_per_instance(asyncio.run(body()), 1)
 
 
 def test_kubelet_sock_bound_but_not_yet_listening(sim_settings: Settings, run_agent: RunAgent,
