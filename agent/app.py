@@ -10,14 +10,12 @@ import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.adapters.deviceplugin import DevicePluginServer, DevicePluginServicer
-from agent.adapters.executor import VfNetlinkPort
 from agent.adapters.health_server import DEVICEPLUGIN, LIFECYCLE, MONITOR, HealthServer
 from agent.adapters.kubelet import PluginLifecycle
 from agent.adapters.metrics import AgentMetrics, MetricsServer, build_metrics
-from agent.adapters.netlink_vf import PyrouteVfNetlink
 from agent.adapters.podresources import PodResourcesClient
 from agent.adapters.sysfs import SysfsHost, SysfsWriter
 from agent.config import Config, ResourceConfig, parse_config
@@ -25,12 +23,14 @@ from agent.core.discovery import Resolution, pf_problem, resolve_pfs
 from agent.core.inventory import NodeState, allocate, build_view, preferred_allocation
 from agent.errors import AllocationError, ConfigError, SysfsError
 from agent.healthwatch import HealthWatch
-from agent.lifecycle import Lifecycle
 from agent.logs import ctx
 from agent.model import ContainerAllocation, PfInfo, PfReconcileStatus, ResourceView
 from agent.settings import Settings
 from agent.stats import Stats
 from agent.status import status_document
+
+if TYPE_CHECKING:
+    from agent.adapters.executor import VfNetlinkPort
 
 log = logging.getLogger(__name__)
 
@@ -339,12 +339,16 @@ def build_agent(settings: Settings, config: Config, writer: SysfsWriter | None =
                 netlink: VfNetlinkPort | None = None) -> Agent:
     """The agent for a node. VFs are managed on the real host (sysfs root "/") and on a simulated
     tree when a kernel-faithful ``writer`` is given; plain file writes into a simulated tree would
-    emulate nothing, so without one a simulated node is only observed."""
+    emulate nothing, so without one a simulated node is only observed (and the VF lifecycle's
+    modules are not even imported: an observe-only agent starts faster and smaller)."""
     sysfs = SysfsHost(settings.sysfs_root, dev_root=settings.dev_root, writer=writer)
     agent = Agent(settings=settings, config=config, sysfs=sysfs)
     pods = PodResourcesClient(settings.pod_resources_socket)
     agent.metrics = build_metrics(agent, agent.stats, sysfs, pods=pods)
     if writer is not None or Path(settings.sysfs_root).resolve() == Path("/"):
+        from agent.adapters.netlink_vf import PyrouteVfNetlink  # noqa: PLC0415
+        from agent.lifecycle import Lifecycle  # noqa: PLC0415
+
         Lifecycle(agent, netlink or PyrouteVfNetlink(), pods=pods).install()
     if settings.health_address:
         agent.health = HealthServer(settings.health_address, status=agent.status)

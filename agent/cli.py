@@ -15,9 +15,7 @@ from dataclasses import fields
 from agent import __version__
 from agent.adapters.health_server import fetch_status
 from agent.app import build_agent, load_config
-from agent.demo import run_demo
 from agent.errors import AgentError
-from agent.lifecycle import print_dry_run
 from agent.logs import ctx, setup_logging
 from agent.settings import DEFAULT_HEALTH_ADDRESS, Settings, env_name
 from agent.status import render
@@ -87,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "demo":
+        from agent.demo import run_demo  # noqa: PLC0415 (the simulated node is not `serve`'s to load)
+
         setup_logging(args.log_format, args.log_level)
         return run_demo(once=args.once, metrics_address=args.metrics_address,
                         health_address=args.health_address)
@@ -107,6 +107,8 @@ async def serve(settings: Settings) -> int:
     config = load_config(settings.config)
     agent = build_agent(settings, config)
     if settings.dry_run:
+        from agent.lifecycle import print_dry_run  # noqa: PLC0415 (see build_agent)
+
         return await print_dry_run(agent)
     agent.extra_tasks.extend(agent.health_watch.host_tasks())  # netlink + uevent health events
     log.info("starting sriov-rdma-agent %s with %d resource(s)", __version__, len(config.resources),
