@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.adapters.deviceplugin import DevicePluginServer, DevicePluginServicer
+from agent.adapters.devinfo import DevinfoDir
 from agent.adapters.health_server import DEVICEPLUGIN, LIFECYCLE, MONITOR, HealthServer
 from agent.adapters.kubelet import PluginLifecycle
 from agent.adapters.metrics import AgentMetrics, MetricsServer, build_metrics
@@ -20,8 +21,15 @@ from agent.adapters.podresources import PodResourcesClient
 from agent.adapters.sysfs import SysfsHost, SysfsWriter
 from agent.config import Config, ResourceConfig, parse_config
 from agent.core.discovery import Resolution, pf_problem, resolve_pfs
-from agent.core.inventory import NodeState, allocate, build_view, preferred_allocation
-from agent.errors import AllocationError, ConfigError, SysfsError
+from agent.core.inventory import (
+    NodeState,
+    allocate,
+    build_view,
+    devinfo_files,
+    devinfo_owner,
+    preferred_allocation,
+)
+from agent.errors import AllocationError, ConfigError, DevinfoError, SysfsError
 from agent.healthwatch import HealthWatch
 from agent.logs import ctx
 from agent.model import ContainerAllocation, PfInfo, PfReconcileStatus, ResourceView
@@ -125,6 +133,7 @@ class Agent:
     before_serving: list[RootTask] = field(default_factory=list)  # awaited after the first scan
     pf_listeners: list[Callable[[frozenset[str]], None]] = field(default_factory=list)  # PFs (re)appeared
     reconcile_status: dict[str, PfReconcileStatus] = field(default_factory=dict)  # by PF, last reconcile
+    devinfo_synced: dict[str, str] | None = None  # device-info files last made to match, by name
     _scan_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _run_task: asyncio.Task[None] | None = None
 
@@ -201,6 +210,7 @@ class Agent:
             old = self.hub.views.get(resource.resource_name)
             if await self.hub.publish(view):
                 self._log_transitions(old, view, reason)
+        self.sync_devinfo()
 
     def _log_transitions(self, old: ResourceView | None, new: ResourceView, reason: str) -> None:
         before = old.by_id() if old else {}
@@ -218,22 +228,37 @@ class Agent:
             log.info("device removed", extra=ctx("device-remove", dev_id, resource=new.resource_name))
 
     def write_devinfo(self, alloc: ContainerAllocation) -> None:
-        """Device-info files for Multus, written at Allocate, mode 0444 (as the community plugin)."""
-        d = Path(self.settings.devinfo_dir)
+        """Device-info files for Multus, written again at Allocate, mode 0444 (as the community plugin)."""
         try:
-            d.mkdir(parents=True, exist_ok=True)
-            for name, content in alloc.devinfo.items():
-                path = d / name
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
-                try:
-                    os.write(fd, content.encode())
-                finally:
-                    os.close(fd)
-        except OSError as e:
-            names = ",".join(alloc.devinfo)
-            raise AllocationError(names, f"cannot write device-info file in {d}: {e}") from e
+            DevinfoDir(self.settings.devinfo_dir).write(alloc.devinfo)
+        except DevinfoError as e:
+            raise AllocationError(",".join(alloc.devinfo), f"cannot write device-info file: {e}") from e
+
+    def sync_devinfo(self, force: bool = False) -> None:
+        """One device-info file for every VF served, none for a VF that is not (stale files of our
+        resources included, other plugins' files never touched).
+
+        Runs whenever the views change, so before the first registration, and forced before every
+        registration: after a node reboot the kubelet re-admits pods from its checkpoint without an
+        Allocate, and Multus still finds each VF's file. A file that cannot be written is logged and
+        retried at the next change; serving goes on.
+        """
+        want: dict[str, str] = {}
+        for resource in self.config.resources:
+            view = self.hub.views.get(resource.resource_name)
+            if view is not None:
+                want.update(devinfo_files(resource, view, self.node))
+        if want == self.devinfo_synced and not force:
+            return
+        ours = devinfo_owner([r.resource_name for r in self.config.resources])
+        result = DevinfoDir(self.settings.devinfo_dir).sync(want, ours)
+        for name in result.written:
+            log.info("device-info file written", extra=ctx("devinfo-write", name))
+        for name in result.removed:
+            log.info("device-info file removed: its VF is not served", extra=ctx("devinfo-remove", name))
+        for problem in result.problems:
+            log.error("%s", problem, extra=ctx("devinfo", problem.path, reason=problem.reason))
+        self.devinfo_synced = None if result.problems else want
 
     # ------------------------------------------------------------ running
     async def run(self, ready: asyncio.Event | None = None) -> None:
@@ -249,7 +274,8 @@ class Agent:
                 sock = os.path.join(self.settings.device_plugin_dir, resource.socket_name)
                 lifecycle = PluginLifecycle(self.settings.device_plugin_dir, resource.resource_name,
                                             DevicePluginServer(sock, servicer),
-                                            on_registered=self._registered_counter(resource.resource_name))
+                                            on_registered=self._registered_counter(resource.resource_name),
+                                            before_register=lambda: self.sync_devinfo(force=True))
                 self.lifecycles[resource.resource_name] = lifecycle
                 tg.create_task(lifecycle.run(), name=f"plugin-{resource.resource_name}")
             tg.create_task(self.health_watch.timer(self), name="health-timer")

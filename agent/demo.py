@@ -13,6 +13,7 @@ from typing import Any
 
 from agent.app import Agent, build_agent
 from agent.config import parse_config
+from agent.core.inventory import devinfo_file_name
 from agent.settings import Settings
 from agent.sim.kernel import SimKernel, SimNetlink
 from agent.sim.kubelet import FakeKubelet
@@ -127,6 +128,5 @@ async def print_allocation(kubelet: FakeKubelet, agent: Agent) -> None:
         print(f"  env {k}={v}")
     for d in resp.devices:
         print(f"  device {d.host_path} -> {d.container_path} ({d.permissions})")
-    devinfo = Path(agent.settings.devinfo_dir)
-    for f in sorted(devinfo.glob("*.json")):
-        print(f"  device-info {f.name}: {f.read_text()}")
+    f = Path(agent.settings.devinfo_dir) / devinfo_file_name(RESOURCE, pick[0])  # there since start-up
+    print(f"  device-info {f.name}: {f.read_text()}")

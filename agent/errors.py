@@ -51,12 +51,23 @@ class AllocationError(AgentError):
 
 
 class KubeletRegistrationError(AgentError):
-    """Registration with the kubelet failed (not up yet, or it rejected us)."""
+    """Registration with the kubelet failed (not up yet, or it rejected us). ``unreachable``: no
+    kubelet answered at all (no socket, connection refused), as opposed to a kubelet saying no."""
 
-    def __init__(self, socket: str, reason: str) -> None:
+    def __init__(self, socket: str, reason: str, unreachable: bool = False) -> None:
         self.socket = socket
         self.reason = reason
+        self.unreachable = unreachable
         super().__init__(f"register with kubelet at {socket}: {reason}")
+
+
+class DevinfoError(AgentError):
+    """A device-info file could not be written, read or removed."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"device-info file {path}: {reason}")
 
 
 class PluginSocketError(AgentError):

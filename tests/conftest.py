@@ -102,6 +102,7 @@ async def _run_agent(settings: Settings, config: Config | str, *, start_kubelet:
         yield agent, kubelet
     finally:
         await agent.shutdown()
+        runner.cancel()  # shutdown() cancels a run() that has begun; this one may not have yet
         with contextlib.suppress(asyncio.CancelledError):
             await runner
         await kubelet.await_disconnects()

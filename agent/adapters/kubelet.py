@@ -3,7 +3,19 @@
 The kubelet deletes every socket in the device-plugin directory when it starts, then creates a
 new kubelet.sock. We watch the directory with inotify: our socket vanishing means "serve again",
 a kubelet.sock with a new inode means "register again". No polling loop; a capped backoff only
-covers a kubelet that is not up yet (and is cut short the moment kubelet.sock appears).
+covers a kubelet that is not up yet, and any event in the directory cuts it short.
+
+Four details make that prompt in every ordering, and exactly one Register per kubelet.sock:
+
+* the wake-up event is cleared when an attempt starts, never when the wait after it starts, so
+  an event that arrives while a Register is in flight ends that wait at once;
+* the Go kubelet's ``net.Listen`` binds kubelet.sock (IN_CREATE) before it listens, and no event
+  marks the listen(): a refused connect on a kubelet.sock that appeared under ``LISTEN_GRACE_S``
+  ago is retried every ``LISTEN_RETRY_S``, a bounded retry that the IN_CREATE starts;
+* every attempt dials afresh (``_CHANNEL_OPTIONS``): no subchannel shared with another
+  channel can still be backing off from a refusal;
+* the kubelet.sock we registered with is the one in place once Register has succeeded (read
+  after the call, not before: one that appeared during the call is the kubelet that answered).
 """
 
 from __future__ import annotations
@@ -12,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,14 +40,22 @@ from agent.settings import KUBELET_SOCKET_NAME
 log = logging.getLogger(__name__)
 
 API_VERSION = "v1beta1"
+LISTEN_GRACE_S = 2.0  # a kubelet.sock this new that refuses connections is bound, not yet listening
+LISTEN_RETRY_S = 0.01  # retry cadence inside that window (at most 200 connects per kubelet.sock)
+
+# grpc-core shares subchannels between channels with the same target and arguments: a connect
+# refused a moment ago leaves the shared subchannel in reconnect backoff (1 s, then 1.6x), and a new
+# channel fails fast until that expires. A pool per channel makes every attempt a fresh connect().
+_CHANNEL_OPTIONS = [
+    ("grpc.default_authority", "localhost"),  # not the %-encoded socket path (k8s PR #112597)
+    ("grpc.use_local_subchannel_pool", 1),
+]
 
 
 async def register(kubelet_socket: str, endpoint: str, resource_name: str, timeout: float = 5.0) -> None:
     """One Register call. The kubelet dials us back before answering, so we must already serve."""
-    # grpc-core uses the %-encoded socket path as :authority unless told otherwise (k8s PR #112597).
-    options = [("grpc.default_authority", "localhost")]
     try:
-        async with grpc.aio.insecure_channel(f"unix:{kubelet_socket}", options=options) as channel:
+        async with grpc.aio.insecure_channel(f"unix:{kubelet_socket}", options=_CHANNEL_OPTIONS) as channel:
             stub = api_pb2_grpc.RegistrationStub(channel)
             await stub.Register(
                 api_pb2.RegisterRequest(
@@ -46,7 +67,8 @@ async def register(kubelet_socket: str, endpoint: str, resource_name: str, timeo
                 timeout=timeout,
             )
     except grpc.aio.AioRpcError as e:
-        raise KubeletRegistrationError(kubelet_socket, f"{e.code().name}: {e.details()}") from e
+        raise KubeletRegistrationError(kubelet_socket, f"{e.code().name}: {e.details()}",
+                                       unreachable=e.code() is grpc.StatusCode.UNAVAILABLE) from e
 
 
 def _inode(path: str) -> int | None:
@@ -79,18 +101,21 @@ class PluginLifecycle:
 
     def __init__(self, plugin_dir: str, resource_name: str, server: DevicePluginServer,
                  on_registered: Callable[[bool], None] | None = None,
-                 max_backoff: float = 5.0) -> None:
+                 max_backoff: float = 5.0, *, before_register: Callable[[], None] | None = None) -> None:
         self.plugin_dir = plugin_dir
         self.resource_name = resource_name
         self.server = server
         self.kubelet_socket = os.path.join(plugin_dir, KUBELET_SOCKET_NAME)
         self.endpoint = os.path.basename(server.socket_path)
         self.on_registered = on_registered
+        self.before_register = before_register  # once per registration: first, and per kubelet restart
         self.max_backoff = max_backoff
         self.registered = False
         self.registrations = 0
+        self.attempts = 0  # Register calls made, failed ones included
         self._kubelet_inode: int | None = None  # kubelet.sock we last registered with
-        self._wake = asyncio.Event()
+        self._appeared: tuple[int, float] | None = None  # newest kubelet.sock seen created, and when
+        self._wake = asyncio.Event()  # set by directory events; cleared as an attempt or check starts
 
     def _set_registered(self, value: bool) -> None:
         self.registered = value
@@ -114,6 +139,8 @@ class PluginLifecycle:
             while True:
                 if not self.server.socket_intact():
                     await self._serve_until_done()
+                if self.before_register:
+                    self.before_register()
                 if not await self._register_until_done():
                     continue  # our socket vanished while we were trying: serve again first
                 await self._wait_for_kubelet_restart()
@@ -151,6 +178,7 @@ class PluginLifecycle:
         logged once per distinct reason and retried, never fatal: the other resources keep serving."""
         backoff = _Backoff(self.max_backoff)
         while True:
+            self._wake.clear()
             await self.server.stop(grace=0.2, remove_socket=False)
             try:
                 await self.server.start()
@@ -165,32 +193,49 @@ class PluginLifecycle:
             return
 
     async def _sleep_unless_woken(self, delay: float) -> None:
-        """Back off, but wake at once when kubelet.sock or our socket changes."""
-        self._wake.clear()
+        """Back off, but not past an event seen since the attempt began (the event is cleared
+        when an attempt starts, so one that arrived while it was in flight ends this at once)."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(delay):
                 await self._wake.wait()
 
+    def _listen_pending(self) -> bool:
+        """kubelet.sock appeared moments ago: a refusal means bound but not listening yet."""
+        seen = self._appeared
+        return (seen is not None and seen[0] == _inode(self.kubelet_socket)
+                and time.monotonic() - seen[1] < LISTEN_GRACE_S)
+
     async def _register_until_done(self) -> bool:
         """Register, retrying with capped backoff; False if our socket vanished meanwhile."""
         backoff = _Backoff(self.max_backoff)
-        while self.server.socket_intact():
-            kubelet_inode = _inode(self.kubelet_socket)
+        while True:
+            self._wake.clear()
+            if not self.server.socket_intact():
+                return False
+            self.attempts += 1
             try:
                 await register(self.kubelet_socket, self.endpoint, self.resource_name)
             except KubeletRegistrationError as e:
                 if backoff.first_time(e.reason):
                     log.warning("kubelet not ready, will retry: %s", e.reason,
                                 extra=ctx("register", self.kubelet_socket, resource=self.resource_name))
-                await self._sleep_unless_woken(backoff.next_delay())
+                fast = e.unreachable and self._listen_pending()
+                await self._sleep_unless_woken(LISTEN_RETRY_S if fast else backoff.next_delay())
                 continue
-            self._kubelet_inode = kubelet_inode
+            # Read after the call: a kubelet.sock that appeared during it belongs to the kubelet that
+            # answered. Were it a newer kubelet than that, its start wiped our socket: we serve and
+            # register again for that reason.
+            self._kubelet_inode = _inode(self.kubelet_socket)
             self.registrations += 1
             self._set_registered(True)
             log.info("registered with kubelet",
                      extra=ctx("register", self.endpoint, resource=self.resource_name))
             return True
-        return False
+
+    def _kubelet_sock_appeared(self) -> None:
+        inode = _inode(self.kubelet_socket)
+        if inode is not None:
+            self._appeared = (inode, time.monotonic())
 
     async def _watch_dir(self, watching: asyncio.Event) -> None:
         ino = Inotify()
@@ -198,7 +243,20 @@ class PluginLifecycle:
             ino.watch(self.plugin_dir, IN_CREATE | IN_DELETE | IN_MOVED_TO | IN_MOVED_FROM)
             watching.set()
             async for ev in ino.events():
-                if ev.mask & IN_Q_OVERFLOW or ev.name in (KUBELET_SOCKET_NAME, self.endpoint):
-                    self._wake.set()  # the loop re-checks both sockets, so an overflow loses nothing
+                if ev.mask & IN_Q_OVERFLOW:
+                    # Events were lost: the loop re-checks both sockets, and a kubelet.sock we have
+                    # not registered with may have just been created.
+                    log.warning("inotify queue overflowed; re-checking the sockets",
+                                extra=ctx("watch", self.plugin_dir, resource=self.resource_name))
+                    known = {self._kubelet_inode, self._appeared[0] if self._appeared else None}
+                    if _inode(self.kubelet_socket) not in known:
+                        self._kubelet_sock_appeared()
+                    self._wake.set()
+                elif ev.name == KUBELET_SOCKET_NAME:
+                    if ev.mask & (IN_CREATE | IN_MOVED_TO):
+                        self._kubelet_sock_appeared()
+                    self._wake.set()
+                elif ev.name == self.endpoint:
+                    self._wake.set()
         finally:
             ino.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -72,7 +73,6 @@ def allocate(resource: ResourceConfig, ids: Sequence[str], view: ResourceView, n
             raise AllocationError(dev_id, "VF vanished from sysfs")
         _, vf = found
         entry: dict[str, dict[str, str]] = {"generic": {"deviceID": dev_id}}
-        pci_info: dict[str, str] = {"pci-address": dev_id}
         if resource.rdma and vf.rdma is not None:
             rdma_env: dict[str, str] = {"rdma_dev": vf.rdma.name}
             paths = [
@@ -86,10 +86,8 @@ def allocate(resource: ResourceConfig, ids: Sequence[str], view: ResourceView, n
                     rdma_env.setdefault(key, path)
                     specs.setdefault(path, DeviceSpecOut(host_path=path, container_path=path))
             entry["rdma"] = rdma_env
-            pci_info["rdma-device"] = vf.rdma.name
         info[dev_id] = entry
-        devinfo[devinfo_file_name(resource.resource_name, dev_id)] = json.dumps(
-            {"type": "pci", "version": DEVINFO_VERSION, "pci": pci_info}, separators=(",", ":"))
+        devinfo[devinfo_file_name(resource.resource_name, dev_id)] = devinfo_content(resource, vf)
     envs = {
         resource.env_name: ",".join(ids),
         resource.env_name + "_INFO": json.dumps(info, sort_keys=True, separators=(",", ":")),
@@ -100,6 +98,32 @@ def allocate(resource: ResourceConfig, ids: Sequence[str], view: ResourceView, n
 def devinfo_file_name(resource_name: str, device_id: str) -> str:
     """<resource with / as ->-<id>-device.json, the name Multus looks up."""
     return f"{resource_name.replace('/', '-')}-{device_id.replace('/', '-')}-device.json"
+
+
+def devinfo_content(resource: ResourceConfig, vf: VfInfo) -> str:
+    """A VF's device-info file (device-info-spec 1.1.0), as the community plugin writes it."""
+    pci_info = {"pci-address": vf.pci_address}
+    if resource.rdma and vf.rdma is not None:
+        pci_info["rdma-device"] = vf.rdma.name
+    return json.dumps({"type": "pci", "version": DEVINFO_VERSION, "pci": pci_info}, separators=(",", ":"))
+
+
+def devinfo_files(resource: ResourceConfig, view: ResourceView, node: NodeState) -> dict[str, str]:
+    """File name -> content for every VF the resource serves (its view, unhealthy ones included)."""
+    vfs = {vf.pci_address: vf for pf in node.pfs.values() for vf in pf.vfs}
+    return {devinfo_file_name(resource.resource_name, d.id): devinfo_content(resource, vfs[d.id])
+            for d in view.devices if d.id in vfs}
+
+
+_PCI_ADDRESS = r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]"
+
+
+def devinfo_owner(resource_names: Collection[str]) -> Callable[[str], bool]:
+    """Which file names in the device-info directory are ours: a VF's file of one of our resources.
+    Files of any other resource (another device plugin's) are never ours to touch."""
+    prefixes = "|".join(re.escape(n.replace("/", "-")) for n in sorted(resource_names))
+    pattern = re.compile(rf"(?:{prefixes})-{_PCI_ADDRESS}-device\.json") if prefixes else None
+    return lambda name: pattern is not None and pattern.fullmatch(name) is not None
 
 
 def preferred_allocation(available: Sequence[str], must_include: Sequence[str], size: int,

@@ -4,26 +4,42 @@ Modelled on kubelet pkg/kubelet/cm/devicemanager (manager.go, plugin/v1beta1/{se
 handler}.go):
 
 * start: ``CleanupPluginDirectory`` removes every socket in the plugin directory except the
-  checkpoint (directories and other files stay), then serves Registration on kubelet.sock;
+  checkpoint (directories and other files stay); then Go's ``net.Listen("unix")`` creates
+  kubelet.sock: ``bind()`` (the file appears, inotify says IN_CREATE) and only then ``listen()``.
+  In between, ``connect()`` is refused. ``listen_delay`` widens that window; ``bind()`` and
+  ``listen()`` let a test place events inside it;
+* the registration server's serve-retry (``serveWithRetry``) replaces kubelet.sock within one
+  kubelet instance: ``relisten()``;
 * Register: rejects a version other than v1beta1 and a resource name that is not an extended
   resource (``IsExtendedResourceName``), with the kubelet's own messages; then dials
   ``<dir>/<endpoint>`` (blocking, 10 s, authority "localhost"), calls GetDevicePluginOptions
   and only then answers; ListAndWatch runs in the background;
-* every ListAndWatch message replaces the device set (Healthy vs anything else);
-* when the stream ends, every device of the resource becomes unhealthy and the endpoint is
-  marked stopped (the kubelet drops it from capacity after a 5 min grace period).
+* a second Register for the same resource adds a second client and makes it the resource's
+  endpoint; the first client stays connected. When a client's stream ends, ``runClient``
+  disconnects the first client registered under that socket path and ``PluginDisconnected``
+  marks the resource's *current* endpoint stopped with every device unhealthy: a plugin that
+  registers twice has its live registration stopped when the older stream ends;
+* every ListAndWatch message replaces the resource's device set (Healthy vs anything else);
+* a stopped endpoint stays stopped (the kubelet drops it from capacity after a 5 min grace).
+
+kubelet.sock itself is a plain socket this stand-in binds and listens on; each accepted
+connection is relayed to a gRPC server on an abstract socket (grpc cannot be handed a bound
+socket), one per kubelet.sock, so every Register is recorded with the kubelet.sock it came in on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import re
+import socket
 import stat
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import NoReturn
 
@@ -39,6 +55,10 @@ UNHEALTHY = "Unhealthy"
 # k8s.io/apimachinery validation.IsQualifiedName, applied to "requests." + name as the kubelet does.
 _QUALIFIED_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
 _DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_backend_ids = itertools.count()
+
+# Awaited at the start of every Register; a non-empty string rejects it with that message.
+RegisterHook = Callable[[api_pb2.RegisterRequest], Awaitable[str]]
 
 
 def is_extended_resource_name(name: str) -> bool:
@@ -60,7 +80,7 @@ class SeenDevice:
 
 @dataclass
 class Endpoint:
-    """One registered plugin, as the kubelet's endpointInfo plus what the tests want to look at."""
+    """One registered plugin client, as the kubelet's endpointInfo plus what tests look at."""
 
     resource: str
     socket: str
@@ -77,28 +97,165 @@ class Endpoint:
         return self.stopped_at is not None
 
 
-class FakeKubelet(api_pb2_grpc.RegistrationServicer):
-    def __init__(self, plugin_dir: str, dial_timeout: float = 10.0) -> None:
+@dataclass(frozen=True)
+class RegisterCall:
+    """One Register RPC as it reached the kubelet, accepted (problem "") or not."""
+
+    at: float  # time.monotonic() when it was answered
+    resource: str
+    endpoint: str
+    instance: int  # which start() of the kubelet: one kubelet process
+    socket_inode: int  # the kubelet.sock the connection came in on
+    problem: str
+
+
+@dataclass
+class _Listener:
+    """One kubelet.sock: the bound socket, its relay server once listening, and its gRPC backend."""
+
+    instance: int
+    inode: int
+    sock: socket.socket
+    relay: asyncio.Server | None = None
+    backend: grpc.aio.Server | None = None
+    conns: set[asyncio.StreamWriter] = field(default_factory=set)
+
+
+class _RegistrationService(api_pb2_grpc.RegistrationServicer):
+    """The Registration service behind one kubelet.sock (known once that socket listens)."""
+
+    def __init__(self, kubelet: FakeKubelet) -> None:
+        self.kubelet = kubelet
+        self.listener: _Listener | None = None
+
+    async def Register(
+        self, request: api_pb2.RegisterRequest,
+        context: grpc.aio.ServicerContext[api_pb2.RegisterRequest, api_pb2.Empty],
+    ) -> api_pb2.Empty:
+        assert self.listener is not None  # connections reach us only through a listening kubelet.sock
+        return await self.kubelet.handle_register(request, context, self.listener)
+
+
+class FakeKubelet:
+    def __init__(self, plugin_dir: str, dial_timeout: float = 10.0, listen_delay: float = 0.0,
+                 before_register: RegisterHook | None = None) -> None:
         self.plugin_dir = plugin_dir
         self.socket = os.path.join(plugin_dir, "kubelet.sock")
         self.dial_timeout = dial_timeout
-        self.endpoints: dict[str, Endpoint] = {}
+        self.listen_delay = listen_delay  # seconds between bind() and listen() in start()
+        self.before_register = before_register
+        self.endpoints: dict[str, Endpoint] = {}  # the device manager's endpoint per resource
         self.registrations: list[tuple[float, str]] = []  # (time.monotonic(), resource) per success
         self.rejections: list[str] = []
-        self.started_at: float | None = None
-        self._server: grpc.aio.Server | None = None
+        self.calls: list[RegisterCall] = []  # every Register, with the kubelet.sock it came in on
+        self.instance = 0  # bumped by every start()/bind(): a new kubelet process
+        self.socket_inode: int | None = None  # the current kubelet.sock
+        self.bound_at: float | None = None  # the current kubelet.sock appeared (IN_CREATE)
+        self.started_at: float | None = None  # ... and accepts connections (listen)
+        self._clients: dict[str, list[Endpoint]] = {}  # handler.go's clients, per resource
+        self._listeners: list[_Listener] = []
+        self._backend: tuple[grpc.aio.Server, str, _RegistrationService] | None = None  # ready, unused
         self._changed = asyncio.Condition()
 
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> None:
+        """A kubelet process starting: clean the directory, bind kubelet.sock, listen on it."""
+        await self._prepare_backend()  # first, so the bind -> listen window is listen_delay only
+        self.bind()
+        if self.listen_delay > 0:
+            await asyncio.sleep(self.listen_delay)
+        await self.listen()
+
+    def bind(self) -> None:
+        """A new kubelet instance up to the bind(): sockets wiped, kubelet.sock exists, refusing."""
         os.makedirs(self.plugin_dir, mode=0o750, exist_ok=True)
         self.cleanup_plugin_directory()
-        server = grpc.aio.server()
-        api_pb2_grpc.add_RegistrationServicer_to_server(self, server)
-        server.add_insecure_port(f"unix:{self.socket}")
-        await server.start()
-        self._server = server
+        self.instance += 1
+        self._bind()
+
+    def _bind(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(self.socket)
+            inode = os.stat(self.socket).st_ino
+        except OSError:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        self._listeners.append(_Listener(self.instance, inode, sock))
+        self.socket_inode = inode
+        self.bound_at = time.monotonic()
+        self.started_at = None
+
+    async def _prepare_backend(self) -> None:
+        if self._backend is None:
+            service = _RegistrationService(self)
+            backend = grpc.aio.server()
+            api_pb2_grpc.add_RegistrationServicer_to_server(service, backend)
+            name = f"sra-kubelet-{os.getpid()}-{next(_backend_ids)}"
+            backend.add_insecure_port(f"unix-abstract:{name}")
+            await backend.start()
+            self._backend = (backend, name, service)
+
+    async def listen(self) -> None:
+        """listen() on the bound kubelet.sock: from now on Register calls get through."""
+        listener = self._listeners[-1]
+        if listener.relay is not None:
+            raise RuntimeError("kubelet.sock is already listening")
+        await self._prepare_backend()
+        assert self._backend is not None
+        (backend, name, service), self._backend = self._backend, None
+        service.listener = listener
+        listener.backend = backend
+
+        async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await self._relay(listener, name, reader, writer)
+
+        # start_unix_server calls listen() on the socket it is given.
+        listener.relay = await asyncio.start_unix_server(relay, sock=listener.sock)
         self.started_at = time.monotonic()
+
+    async def relisten(self) -> None:
+        """serveWithRetry in the same kubelet instance: kubelet.sock closed and removed, then a new
+        one bound and listened on. Connections accepted on the old one stay open."""
+        await self._prepare_backend()
+        self._close_listening(self._listeners[-1])
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket)
+        self._bind()
+        if self.listen_delay > 0:
+            await asyncio.sleep(self.listen_delay)
+        await self.listen()
+
+    @staticmethod
+    def _close_listening(listener: _Listener) -> None:
+        if listener.relay is not None:
+            listener.relay.close()
+        listener.sock.close()
+
+    async def _relay(self, listener: _Listener, backend: str, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
+        listener.conns.add(writer)
+        try:
+            b_reader, b_writer = await asyncio.open_unix_connection("\0" + backend)
+        except OSError:
+            listener.conns.discard(writer)
+            writer.close()
+            return
+        listener.conns.add(b_writer)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError, OSError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        try:
+            await asyncio.gather(pipe(reader, b_writer), pipe(b_reader, writer))
+        finally:
+            listener.conns.discard(writer)
+            listener.conns.discard(b_writer)
 
     def cleanup_plugin_directory(self) -> None:
         """Remove every socket except the checkpoint; directories and plain files are kept."""
@@ -114,13 +271,30 @@ class FakeKubelet(api_pb2_grpc.RegistrationServicer):
                 os.unlink(path)
 
     async def stop(self) -> None:
-        for ep in list(self.endpoints.values()):
-            await self._close(ep)
-        if self._server is not None:
-            await self._server.stop(0)
-            self._server = None
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.socket)
+        """Stop(): every client disconnected, the server stopped, kubelet.sock removed (Go's
+        UnixListener.Close unlinks the path)."""
+        for clients in list(self._clients.values()):
+            for ep in list(clients):
+                if ep.task is not None and ep.task is not asyncio.current_task():
+                    ep.task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                        await ep.task
+                await self._disconnect_client(ep)
+        listeners, self._listeners = self._listeners, []
+        for listener in listeners:
+            self._close_listening(listener)
+            for writer in list(listener.conns):
+                writer.close()
+            if listener.backend is not None:
+                await listener.backend.stop(0)
+        if self._backend is not None:
+            await self._backend[0].stop(0)
+            self._backend = None
+        if listeners:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket)
+        self.socket_inode = None
+        self.started_at = None
 
     async def await_disconnects(self, timeout: float = 5.0) -> None:
         """Let open ListAndWatch readers see their streams end before stop() cancels them.
@@ -129,7 +303,8 @@ class FakeKubelet(api_pb2_grpc.RegistrationServicer):
         cancelling first would skip the disconnect handling (devices marked Unhealthy). A stream still
         open after ``timeout`` is left for stop() to cut, so a plugin that never ends it is visible.
         """
-        live = [ep.task for ep in self.endpoints.values() if ep.task is not None and not ep.task.done()]
+        live = [ep.task for clients in self._clients.values() for ep in clients
+                if ep.task is not None and not ep.task.done()]
         if live:
             await asyncio.wait(live, timeout=timeout)
 
@@ -140,14 +315,14 @@ class FakeKubelet(api_pb2_grpc.RegistrationServicer):
         await self.start()
 
     # ---------------------------------------------------------------- Registration service
-    async def Register(
+    async def handle_register(
         self, request: api_pb2.RegisterRequest,
-        context: grpc.aio.ServicerContext[api_pb2.RegisterRequest, api_pb2.Empty],
+        context: grpc.aio.ServicerContext[api_pb2.RegisterRequest, api_pb2.Empty], listener: _Listener,
     ) -> api_pb2.Empty:
-        problem = self._validate(request)
+        problem = await self.before_register(request) if self.before_register else ""
+        problem = problem or self._validate(request)
         if problem:
-            self.rejections.append(problem)
-            await context.abort(grpc.StatusCode.UNKNOWN, problem)
+            await self._reject(context, listener, request, problem)
         sock = os.path.join(self.plugin_dir, request.endpoint)
         channel = grpc.aio.insecure_channel(f"unix:{sock}", options=[("grpc.default_authority", "localhost")])
         stub: api_pb2_grpc.DevicePluginAsyncStub = api_pb2_grpc.DevicePluginStub(channel)
@@ -156,27 +331,31 @@ class FakeKubelet(api_pb2_grpc.RegistrationServicer):
                 await channel.channel_ready()
         except TimeoutError:
             await channel.close()
-            await self._reject(context, f"failed to dial device plugin: {sock}: context deadline exceeded")
+            await self._reject(context, listener, request,
+                               f"failed to dial device plugin: {sock}: context deadline exceeded")
         try:
             options = await stub.GetDevicePluginOptions(api_pb2.Empty())
         except grpc.aio.AioRpcError as e:
             await channel.close()
-            problem = f"failed to get device plugin options: {e.code().name}: {e.details()}"
-            await self._reject(context, problem)
-        old = self.endpoints.get(request.resource_name)
-        if old is not None:
-            await self._close(old)
+            await self._reject(context, listener, request,
+                               f"failed to get device plugin options: {e.code().name}: {e.details()}")
         ep = Endpoint(request.resource_name, sock, options, channel, stub)
-        self.endpoints[request.resource_name] = ep
-        self.registrations.append((time.monotonic(), request.resource_name))
-        ep.task = asyncio.create_task(self._list_and_watch(ep))
-        async with self._changed:
-            self._changed.notify_all()
+        self._clients.setdefault(ep.resource, []).append(ep)  # registerClient: the old one stays
+        self.endpoints[ep.resource] = ep  # PluginConnected
+        now = time.monotonic()
+        self.registrations.append((now, ep.resource))
+        self.calls.append(RegisterCall(now, ep.resource, request.endpoint, listener.instance, listener.inode,
+                                       problem=""))
+        ep.task = asyncio.create_task(self._run_client(ep))
+        await self._notify()
         return api_pb2.Empty()
 
     async def _reject(self, context: grpc.aio.ServicerContext[api_pb2.RegisterRequest, api_pb2.Empty],
-                      problem: str) -> NoReturn:
+                      listener: _Listener, request: api_pb2.RegisterRequest, problem: str) -> NoReturn:
         self.rejections.append(problem)
+        self.calls.append(RegisterCall(time.monotonic(), request.resource_name, request.endpoint,
+                                       listener.instance, listener.inode, problem))
+        await self._notify()
         await context.abort(grpc.StatusCode.UNKNOWN, problem)
 
     def _validate(self, req: api_pb2.RegisterRequest) -> str:
@@ -187,29 +366,50 @@ class FakeKubelet(api_pb2_grpc.RegistrationServicer):
             return f"the ResourceName {json.dumps(req.resource_name)} is invalid"
         return ""
 
-    async def _list_and_watch(self, ep: Endpoint) -> None:
+    async def _run_client(self, ep: Endpoint) -> None:
+        """client.Run then handler.runClient."""
         with contextlib.suppress(grpc.aio.AioRpcError):
             async for resp in ep.stub.ListAndWatch(api_pb2.Empty()):
-                ep.devices = {d.ID: SeenDevice(d.ID, HEALTHY if d.health == HEALTHY else UNHEALTHY,
-                                               tuple(n.ID for n in d.topology.nodes))
-                              for d in resp.devices}
-                ep.updates.append((time.monotonic(), ep.devices))
-                async with self._changed:
-                    self._changed.notify_all()
-        # PluginDisconnected -> markResourceUnhealthy: every device of a stopped endpoint is unhealthy.
-        ep.stopped_at = time.monotonic()
-        ep.devices = {k: SeenDevice(v.id, UNHEALTHY, v.numa) for k, v in ep.devices.items()}
+                # PluginListAndWatchReceiver: the message replaces the resource's device set.
+                target = self.endpoints.get(ep.resource, ep)
+                target.devices = {d.ID: SeenDevice(d.ID, HEALTHY if d.health == HEALTHY else UNHEALTHY,
+                                                   tuple(n.ID for n in d.topology.nodes))
+                                  for d in resp.devices}
+                target.updates.append((time.monotonic(), target.devices))
+                await self._notify()
+        # runClient: the first client under this socket path, which need not be this one.
+        first = next((c for c in self._clients.get(ep.resource, []) if c.socket == ep.socket), None)
+        if first is not None:
+            await self._disconnect_client(first)
+
+    async def _disconnect_client(self, ep: Endpoint) -> None:
+        """disconnectClient: deregister, close the connection, then PluginDisconnected, which marks
+        the resource's current endpoint stopped and every device of it unhealthy."""
+        clients = self._clients.get(ep.resource, [])
+        if ep in clients:
+            clients.remove(ep)
+            if not clients:
+                del self._clients[ep.resource]
+        await ep.channel.close()
+        current = self.endpoints.get(ep.resource)
+        if current is not None:
+            current.stopped_at = time.monotonic()
+            current.devices = {k: SeenDevice(v.id, UNHEALTHY, v.numa) for k, v in current.devices.items()}
+        await self._notify()
+
+    async def _notify(self) -> None:
         async with self._changed:
             self._changed.notify_all()
 
-    async def _close(self, ep: Endpoint) -> None:
-        if ep.task is not None:
-            ep.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
-                await ep.task
-        await ep.channel.close()
-
     # ---------------------------------------------------------------- what tests ask
+    def registers_per_instance(self, resource: str) -> Counter[int]:
+        """Accepted Registers for ``resource`` per kubelet instance (a start() of the kubelet)."""
+        return Counter(c.instance for c in self.calls if c.resource == resource and not c.problem)
+
+    def clients(self, resource: str) -> list[Endpoint]:
+        """The plugin clients the kubelet holds for ``resource`` (more than one: a double Register)."""
+        return list(self._clients.get(resource, []))
+
     def healthy(self, resource: str) -> list[str]:
         ep = self.endpoints.get(resource)
         return sorted(i for i, d in (ep.devices if ep else {}).items() if d.health == HEALTHY)

@@ -17,6 +17,8 @@ MLX_VENDOR = "15b3"
 CX7_PF_DEVICE = "1021"
 MLX5_VF_DEVICE = "101e"
 MLX5_DRIVER = "mlx5_core"
+CX7_SUBSYSTEM_DEVICE = "0023"
+ETHERNET_CLASS = 0x020000  # PCI class: network controller, Ethernet
 # ibv char device majors/minors as the kernel allocates them (uverbs: 231:192+N, umad: 231:N, issm: 231:64+N)
 _UVERBS_MINOR_BASE = 192
 
@@ -148,9 +150,10 @@ class SimNode:
         d.mkdir(parents=True, exist_ok=True)
         _write(d / "vendor", f"0x{vendor}\n")
         _write(d / "device", f"0x{device}\n")
-        _write(d / "class", "0x020000\n")
+        _write(d / "class", f"0x{ETHERNET_CLASS:06x}\n")
         _write(d / "subsystem_vendor", f"0x{MLX_VENDOR}\n")
-        _write(d / "subsystem_device", "0x0023\n")
+        _write(d / "subsystem_device", f"0x{CX7_SUBSYSTEM_DEVICE}\n")
+        _write(d / "modalias", _modalias(vendor, device, MLX_VENDOR, CX7_SUBSYSTEM_DEVICE, ETHERNET_CLASS))
         _write(d / "numa_node", f"{numa}\n")
         _write(d / "driver_override", "(null)\n")
         _write(d / "reset", "")
@@ -394,6 +397,13 @@ def _rmtree(path: Path) -> None:
     for child in path.iterdir():
         _rmtree(child)
     path.rmdir()
+
+
+def _modalias(vendor: str, device: str, sub_vendor: str, sub_device: str, pci_class: int) -> str:
+    """drivers/pci/pci-sysfs.c modalias_show: what udev and ghw (the community plugin) parse."""
+    return (f"pci:v{int(vendor, 16):08X}d{int(device, 16):08X}sv{int(sub_vendor, 16):08X}"
+            f"sd{int(sub_device, 16):08X}bc{pci_class >> 16:02X}sc{(pci_class >> 8) & 0xFF:02X}"
+            f"i{pci_class & 0xFF:02X}\n")
 
 
 def _mac(address: str) -> str:
