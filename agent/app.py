@@ -10,15 +10,13 @@ import time
 from collections.abc import Callable, Collection, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.adapters.deviceplugin import DevicePluginServer, DevicePluginServicer
 from agent.adapters.devinfo import DevinfoDir
-from agent.adapters.executor import Timeouts, VfNetlinkPort
 from agent.adapters.health_server import DEVICEPLUGIN, LIFECYCLE, MONITOR, HealthServer
 from agent.adapters.kubelet import PluginLifecycle
 from agent.adapters.metrics import AgentMetrics, MetricsServer, build_metrics
-from agent.adapters.netlink_vf import PyrouteVfNetlink
 from agent.adapters.podresources import CachedPodDirectory, PodResourcesClient
 from agent.adapters.status_server import StatusServer
 from agent.adapters.sysfs import SysfsHost, SysfsWriter
@@ -36,14 +34,16 @@ from agent.core.inventory import (
 from agent.errors import AllocationError, DevinfoError, SysfsError, shorten
 from agent.guard import guarded
 from agent.healthwatch import HealthWatch
-from agent.hygiene import VfHygiene
 from agent.ledger import Allocation, PodLedger
-from agent.lifecycle import Lifecycle
 from agent.logs import ctx
 from agent.model import ContainerAllocation, PfInfo, PfReconcileStatus, ResourceView
 from agent.settings import Settings
 from agent.stats import Stats
 from agent.status import status_document
+
+if TYPE_CHECKING:
+    from agent.adapters.executor import Timeouts, VfNetlinkPort
+    from agent.lifecycle import Lifecycle
 
 log = logging.getLogger(__name__)
 
@@ -589,7 +589,13 @@ def build_agent(settings: Settings, config: Config, writer: SysfsWriter | None =
                 netlink: VfNetlinkPort | None = None, timeouts: Timeouts | None = None) -> Agent:
     """The agent for a node. VFs are managed in the host's sysfs (see writes_enabled) and on a
     simulated tree when a kernel-faithful ``writer`` is given; otherwise the node is only observed.
-    Config reload (inotify, SIGHUP) works either way, including changes to the resource set."""
+    Config reload (inotify, SIGHUP) works either way, including changes to the resource set.
+
+    The VF lifecycle's modules are imported here, not at the top: pyroute2 loads only when a VF
+    setting needs it, and VF hygiene only where VFs are written."""
+    from agent.adapters.netlink_vf import PyrouteVfNetlink  # noqa: PLC0415
+    from agent.lifecycle import Lifecycle  # noqa: PLC0415
+
     sysfs = SysfsHost(settings.sysfs_root, dev_root=settings.dev_root, writer=writer)
     agent = Agent(settings=settings, config=config, sysfs=sysfs,
                   ledger=PodLedger(PodResourcesClient(settings.pod_resources_socket)))
@@ -600,6 +606,8 @@ def build_agent(settings: Settings, config: Config, writer: SysfsWriter | None =
     agent.lifecycle = Lifecycle(agent, netlink or PyrouteVfNetlink(), timeouts)
     agent.lifecycle.install()
     if agent.writes:  # a VF is reset only where the lifecycle may write
+        from agent.hygiene import VfHygiene  # noqa: PLC0415
+
         VfHygiene(agent, agent.lifecycle.executor, agent.lifecycle.node_name).install()
     if settings.health_address:
         agent.health = HealthServer(settings.health_address)

@@ -16,11 +16,8 @@ from agent import __version__
 from agent.adapters.nodelock import NodeLock, lock_name
 from agent.adapters.status_server import fetch_status
 from agent.app import Agent, build_agent, load_config
-from agent.demo import run_demo
-from agent.doctor import run_doctor
 from agent.errors import AgentError
 from agent.guard import guarded
-from agent.lifecycle import print_dry_run
 from agent.logs import ctx, setup_logging
 from agent.settings import DEFAULT_STATUS_SOCKET, Settings, env_name
 from agent.status import render
@@ -98,12 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "demo":
+        from agent.demo import run_demo  # noqa: PLC0415 (the simulated node is not `serve`'s to load)
+
         setup_logging(args.log_format, args.log_level)
         return run_demo(once=args.once, metrics_address=args.metrics_address,
                         health_address=args.health_address)
     if args.command == "status":
         return show_status(args.status_socket, args.json)
     if args.command == "doctor":
+        from agent.doctor import run_doctor  # noqa: PLC0415 (not `serve`'s to load)
+
         code, text = run_doctor(settings_from_args(args), args.json)
         print(text)
         return code
@@ -122,6 +123,8 @@ async def serve(settings: Settings) -> int:
     config = load_config(settings.config)
     agent = build_agent(settings, config)
     if settings.dry_run:
+        from agent.lifecycle import print_dry_run  # noqa: PLC0415 (see build_agent)
+
         return await print_dry_run(agent)
     # One agent per node, decided before any socket is touched (a second one exits 2 here).
     lock = NodeLock(lock_name(settings.device_plugin_dir))

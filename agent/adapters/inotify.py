@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import errno
 import os
 import struct
@@ -28,7 +27,9 @@ IN_NONBLOCK = os.O_NONBLOCK
 IN_CLOEXEC = os.O_CLOEXEC
 
 _EVENT = struct.Struct("iIII")
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# The process's own symbols, libc's among them: ctypes.util.find_library("c") would run
+# `ldconfig -p` in a child process at every start (5-9 ms before the agent can register).
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,13 @@
 """RTNLGRP_LINK watcher: the kernel pushes every link change; we keep the latest word per netdev.
 
 One NETLINK_ROUTE socket bound to the link multicast group, read from the asyncio loop with
-add_reader (idle CPU is zero: nothing runs until the kernel queues a message). pyroute2 builds
-the dump request, supplies the protocol constants and attribute numbers, and creates the socket in
-another network namespace when asked. Its generic decoder walks every attribute of a link message
-(about 1 ms each in CPython); the watcher needs five, so ``decode`` reads just those, which keeps
-the kernel-to-kubelet path in single-digit milliseconds.
+add_reader (idle CPU is zero: nothing runs until the kernel queues a message). The request and
+the few constants it needs are the kernel's fixed UAPI numbers, written out here: importing
+pyroute2 loads its whole package (~11 MiB of resident memory, a third of start-up time) and every
+serving agent runs this watcher. pyroute2 is imported only to create the socket in another network
+namespace (tests, benches). Its generic decoder walks every attribute of a link message (about
+1 ms each in CPython); the watcher needs five, so ``decode`` reads just those, which keeps the
+kernel-to-kubelet path in single-digit milliseconds.
 
 When the receive queue overflows the kernel drops messages and the next read fails with ENOBUFS;
 what we hold may then be stale, so the socket is recreated and the link table rebuilt from a full
@@ -23,24 +25,29 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from pyroute2 import netns as pr_netns
-from pyroute2.netlink import (
-    NETLINK_ROUTE,
-    NLM_F_DUMP,
-    NLM_F_DUMP_INTR,
-    NLM_F_REQUEST,
-    NLMSG_DONE,
-    NLMSG_ERROR,
-)
-from pyroute2.netlink.rtnl import RTM_DELLINK, RTM_GETLINK, RTM_NEWLINK, RTMGRP_LINK
-from pyroute2.netlink.rtnl.ifinfmsg import IFF_UP, ifinfmsg
-
 from agent.core.health import LinkObservation
 from agent.errors import NetlinkOpError
 from agent.logs import ctx
 from agent.stats import Stats
 
 log = logging.getLogger(__name__)
+
+# linux/netlink.h, linux/rtnetlink.h, linux/if.h, linux/if_link.h (tests check them against pyroute2).
+NETLINK_ROUTE = 0
+NLM_F_REQUEST = 0x1
+NLM_F_DUMP = 0x300  # NLM_F_ROOT | NLM_F_MATCH
+NLM_F_DUMP_INTR = 0x10
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+RTM_NEWLINK = 16
+RTM_DELLINK = 17
+RTM_GETLINK = 18
+RTMGRP_LINK = 0x1
+IFF_UP = 0x1
+IFLA_IFNAME = 3
+IFLA_OPERSTATE = 16
+IFLA_CARRIER = 33
+IFLA_PARENT_DEV_BUS_NAME = 57
 
 DEFAULT_RCVBUF = 1 << 20  # holds a few thousand link messages: a VF storm fits
 DEFAULT_RESYNC_S = 60.0
@@ -66,6 +73,8 @@ def open_route_socket(netns: str | None, rcvbuf: int) -> socket.socket:
         if netns is None:
             sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
         else:
+            from pyroute2 import netns as pr_netns  # noqa: PLC0415 (lazy: see the module docstring)
+
             # flags=0: never create the namespace, only enter an existing one.
             sock = pr_netns.create_socket(netns, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE, flags=0)
     except OSError as e:
@@ -87,12 +96,6 @@ _NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 _IFINFOMSG = struct.Struct("=BxHiII")  # family, pad, type, index, flags, change
 _NLATTR = struct.Struct("=HH")  # len, type
 _NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
-# Attribute numbers, by name, from pyroute2's ifinfmsg map (the kernel's IFLA_* enum order).
-_IFLA = {entry[0]: i for i, entry in enumerate(ifinfmsg.nla_map)}
-IFLA_IFNAME = _IFLA["IFLA_IFNAME"]
-IFLA_OPERSTATE = _IFLA["IFLA_OPERSTATE"]
-IFLA_CARRIER = _IFLA["IFLA_CARRIER"]
-IFLA_PARENT_DEV_BUS_NAME = _IFLA["IFLA_PARENT_DEV_BUS_NAME"]
 # RFC 2863 operational states as the kernel numbers them (IF_OPER_*), in sysfs spelling.
 OPERSTATES = ("unknown", "notpresent", "down", "lowerlayerdown", "testing", "dormant", "up")
 
@@ -106,6 +109,12 @@ class Message:
     seq: int
     link: LinkObservation | None = None  # RTM_NEWLINK / RTM_DELLINK
     error: int = 0  # NLMSG_ERROR: the (positive) errno, 0 for an ACK
+
+
+def dump_request(seq: int) -> bytes:
+    """RTM_GETLINK with NLM_F_DUMP for every family: a header and an all-zero ifinfomsg."""
+    body = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
 
 
 def decode(data: bytes) -> list[Message]:
@@ -247,14 +256,8 @@ class LinkWatcher:
         """A full RTM_GETLINK dump; events arriving meanwhile are applied in order too."""
         while True:
             self._seq += 1
-            req = ifinfmsg()
-            req["header"]["type"] = RTM_GETLINK
-            req["header"]["flags"] = NLM_F_REQUEST | NLM_F_DUMP
-            req["header"]["sequence_number"] = self._seq
-            req["family"] = socket.AF_UNSPEC
-            req.encode()
             try:
-                sock.send(req.data)
+                sock.send(dump_request(self._seq))
             except OSError as e:
                 raise NetlinkOpError("dump", self.netns or "<host>", e.errno or errno.EIO) from e
             table: Links = {}

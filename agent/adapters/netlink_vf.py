@@ -6,6 +6,9 @@ every read passes ``ext_mask=1``. Kernel errors become NetlinkOpError with the e
 
 ``apply_vf_settings`` / ``read_vf_settings`` are the entry points for a real kernel (the VM tier
 drives them against netdevsim VFs).
+
+pyroute2 is imported on first use, not with this module: its package import loads all of it
+(~11 MiB resident, ~0.1 s), which an agent that never asks the kernel here should not pay.
 """
 
 from __future__ import annotations
@@ -13,16 +16,12 @@ from __future__ import annotations
 import errno
 from typing import Any
 
-from pyroute2 import DL, IPRoute
-from pyroute2.netlink import NLM_F_REQUEST
-from pyroute2.netlink.devlink import DEVLINK_NAMES, devlinkcmd
-from pyroute2.netlink.exceptions import NetlinkError
-
 from agent.config import VfSettings
 from agent.core.reconcile import LINK_STATES, PfLink, VfAttrs, VfChange
 from agent.errors import NetlinkOpError
 
 RTEXT_FILTER_VF = 1
+NLM_F_REQUEST = 1
 # enum devlink_eswitch_mode (uapi/linux/devlink.h)
 ESWITCH_MODES = {0: "legacy", 1: "switchdev"}
 # pyroute2 decodes an unset rate/vlan as 0; the kernel reports "no admin MAC" as all zeroes.
@@ -103,16 +102,20 @@ class PyrouteVfNetlink:
     def __init__(self, netns: str | None = None) -> None:
         self.netns = netns
 
-    def _ipr(self) -> IPRoute:
+    def _ipr(self) -> Any:
+        from pyroute2 import IPRoute  # noqa: PLC0415 (lazy: see the module docstring)
+
         return IPRoute(netns=self.netns) if self.netns else IPRoute()
 
-    def _ifindex(self, ipr: IPRoute, ifname: str) -> int:
+    def _ifindex(self, ipr: Any, ifname: str) -> int:
         found = ipr.link_lookup(ifname=ifname)
         if not found:
             raise NetlinkOpError("lookup", ifname, errno.ENODEV)
         return int(found[0])
 
     def read_pf(self, ifname: str) -> PfLink:
+        from pyroute2 import NetlinkError  # noqa: PLC0415 (lazy: see the module docstring)
+
         with self._ipr() as ipr:
             try:
                 (msg,) = ipr.link("get", index=self._ifindex(ipr, ifname), ext_mask=RTEXT_FILTER_VF)
@@ -130,6 +133,8 @@ class PyrouteVfNetlink:
         self._set(ifname, "setlink up", state="up")
 
     def _set(self, ifname: str, op: str, **kwargs: Any) -> None:
+        from pyroute2 import NetlinkError  # noqa: PLC0415 (lazy: see the module docstring)
+
         with self._ipr() as ipr:
             try:
                 ipr.link("set", index=self._ifindex(ipr, ifname), **kwargs)
@@ -138,6 +143,9 @@ class PyrouteVfNetlink:
 
     def eswitch_mode(self, pci_address: str) -> str | None:
         """devlink eswitch mode of pci/<addr>; None when the kernel has no devlink or the device none."""
+        from pyroute2 import DL, NetlinkError  # noqa: PLC0415 (lazy: see the module docstring)
+        from pyroute2.netlink.devlink import DEVLINK_NAMES, devlinkcmd  # noqa: PLC0415
+
         msg = devlinkcmd()
         msg["cmd"] = DEVLINK_NAMES["DEVLINK_CMD_ESWITCH_GET"]
         msg["version"] = 1

@@ -221,8 +221,9 @@ class SysfsHost:
         return _read_opt(self.sys / "module" / module / "parameters" / param)
 
     def dev_path_exists(self, dev_path: str) -> bool:
-        """Is /dev/<...> present on the host (checked under --dev-root)."""
-        return (self.dev / dev_path.removeprefix("/dev/")).exists()
+        """Is /dev/<...> present on the host (checked under --dev-root)? On the Allocate path: one
+        stat, no Path objects."""
+        return os.path.exists(f"{self.dev}/{dev_path.removeprefix('/dev/')}")
 
     # ------------------------------------------------------------ helpers
     def _first_netdev(self, d: Path) -> NetdevInfo | None:

@@ -5,6 +5,8 @@ group delivers events after udevd processed them. Without it (libudev then silen
 nothing) we read the kernel's own uevent group on a NETLINK_KOBJECT_UEVENT socket; that needs no
 udevd at all, and /dev/infiniband nodes already exist when it fires because devtmpfs creates them
 in the kernel. Either way the socket is read from the asyncio loop (no polling thread).
+pyudev (libudev through ctypes) and pyroute2 (for another network namespace) are imported only
+where they are used: a node without /run/udev never needs either.
 """
 
 from __future__ import annotations
@@ -19,10 +21,6 @@ from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-import pyudev
-from pyroute2 import netns as pr_netns
-from pyroute2.netlink import NETLINK_KOBJECT_UEVENT
-
 from agent.errors import NetlinkOpError
 from agent.logs import ctx
 from agent.stats import Stats
@@ -31,6 +29,7 @@ log = logging.getLogger(__name__)
 
 SUBSYSTEMS = ("pci", "net", "infiniband", "infiniband_verbs", "infiniband_mad")
 ACTIONS = frozenset({"add", "remove", "bind", "unbind", "move", "change"})
+NETLINK_KOBJECT_UEVENT = 15  # linux/netlink.h
 KERNEL_GROUP = 1
 UDEV_GROUP = 2
 _LIBUDEV_MAGIC = b"libudev\x00"
@@ -117,6 +116,8 @@ def open_uevent_socket(netns: str | None, group: int = KERNEL_GROUP) -> socket.s
         if netns is None:
             sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_KOBJECT_UEVENT)
         else:
+            from pyroute2 import netns as pr_netns  # noqa: PLC0415 (lazy: see the module docstring)
+
             sock = pr_netns.create_socket(netns, socket.AF_NETLINK, socket.SOCK_RAW,
                                           NETLINK_KOBJECT_UEVENT, flags=0)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
@@ -165,6 +166,8 @@ class UeventWatcher:
             sock.close()
 
     async def _run_pyudev(self, on_events: OnEvents) -> None:
+        import pyudev  # noqa: PLC0415 (lazy: see the module docstring)
+
         monitor = pyudev.Monitor.from_netlink(pyudev.Context(), source="udev")
         for subsystem in SUBSYSTEMS:
             monitor.filter_by(subsystem)

@@ -5,11 +5,21 @@ from __future__ import annotations
 import socket
 import struct
 
-from pyroute2.netlink import NETLINK_ROUTE, NLM_F_DUMP, NLM_F_MULTI, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR
+import pyroute2.netlink as nl
+from pyroute2.netlink import (
+    NETLINK_ROUTE,
+    NLM_F_DUMP,
+    NLM_F_MULTI,
+    NLM_F_REQUEST,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    rtnl,
+)
 from pyroute2.netlink.rtnl import RTM_GETLINK, RTM_NEWLINK
 from pyroute2.netlink.rtnl.ifinfmsg import IFF_UP, ifinfmsg
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
+from agent.adapters import netlink, udev
 from agent.adapters.netlink import decode
 
 
@@ -63,3 +73,24 @@ def test_truncated_datagram_stops_cleanly() -> None:
     assert decode(data[:10]) == []
     first_len = struct.unpack_from("=I", data)[0]
     assert len(decode(data[: first_len + 8])) == 1
+
+
+def test_kernel_constants_and_dump_request_match_pyroute2() -> None:
+    """The watcher writes the UAPI numbers out (no pyroute2 import when serving): same as pyroute2's."""
+    for name in ("NETLINK_ROUTE", "NLM_F_REQUEST", "NLM_F_DUMP", "NLM_F_DUMP_INTR", "NLMSG_ERROR",
+                 "NLMSG_DONE"):
+        assert getattr(netlink, name) == getattr(nl, name), name
+    for name in ("RTM_NEWLINK", "RTM_DELLINK", "RTM_GETLINK", "RTMGRP_LINK"):
+        assert getattr(netlink, name) == getattr(rtnl, name), name
+    assert netlink.IFF_UP == IFF_UP
+    ifla = {entry[0]: i for i, entry in enumerate(ifinfmsg.nla_map)}
+    for name in ("IFLA_IFNAME", "IFLA_OPERSTATE", "IFLA_CARRIER", "IFLA_PARENT_DEV_BUS_NAME"):
+        assert getattr(netlink, name) == ifla[name], name
+    assert udev.NETLINK_KOBJECT_UEVENT == nl.NETLINK_KOBJECT_UEVENT
+    req = ifinfmsg()
+    req["header"]["type"] = RTM_GETLINK
+    req["header"]["flags"] = NLM_F_REQUEST | NLM_F_DUMP
+    req["header"]["sequence_number"] = 42
+    req["family"] = socket.AF_UNSPEC
+    req.encode()
+    assert netlink.dump_request(42) == req.data
