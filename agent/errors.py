@@ -102,6 +102,15 @@ class KubeletRegistrationError(AgentError):
         super().__init__(f"register with kubelet at {socket}: {reason}")
 
 
+class PluginSocketWipedError(AgentError):
+    """Our plugin socket vanished between our check and the Register we were about to send: a
+    kubelet starting wipes every socket before it listens. Nothing was sent; serve again first."""
+
+    def __init__(self, socket: str) -> None:
+        self.socket = socket
+        super().__init__(f"{socket}: deleted before Register was sent (a kubelet starting)")
+
+
 class DevinfoError(AgentError):
     """A device-info file could not be written, read or removed."""
 

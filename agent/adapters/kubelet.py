@@ -16,9 +16,11 @@ Five details make that prompt in every ordering, and exactly one Register per ku
   channel can still be backing off from a refusal;
 * the kubelet.sock we registered with is the one in place once Register has succeeded (read
   after the call, not before: one that appeared during the call is the kubelet that answered);
-* a kubelet starting as we serve (node boot) can wipe our socket after we checked it and then
-  answer our Register by dialling that deleted socket: while a Register is in flight, our socket
-  vanishing means "serve again now", so the kubelet's dial finds us and that one Register
+* a kubelet starting as we serve (node boot) can wipe our socket after we checked it. It wipes
+  before it listens, so once we are connected to it a wipe has happened already: we connect first,
+  check our socket, and only then send Register (none is sent for a socket that is gone). Should a
+  wipe still land with Register in flight, the kubelet dials that deleted socket; our socket
+  vanishing then means "serve again now", so the kubelet's dial finds us and that one Register
   completes. Our Register waits longer than the kubelet's 10 s dial (``REGISTER_TIMEOUT_S``).
 """
 
@@ -37,7 +39,7 @@ import grpc
 from agent._pb.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 from agent.adapters.deviceplugin import DevicePluginServer
 from agent.adapters.inotify import IN_CREATE, IN_DELETE, IN_MOVED_FROM, IN_MOVED_TO, IN_Q_OVERFLOW, Inotify
-from agent.errors import KubeletRegistrationError, PluginSocketError
+from agent.errors import KubeletRegistrationError, PluginSocketError, PluginSocketWipedError
 from agent.logs import ctx
 from agent.settings import KUBELET_SOCKET_NAME
 
@@ -57,11 +59,29 @@ _CHANNEL_OPTIONS = [
 ]
 
 
+async def _connected(channel: grpc.aio.Channel, timeout: float) -> bool:
+    """Connect now: True once READY, False at the first failure (the RPC then fails fast with
+    grpc's own reason, and the caller's retry logic applies as for any refused connect)."""
+    ready, failed = grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE
+    state = channel.get_state(try_to_connect=True)
+    async with asyncio.timeout(timeout):
+        while state not in (ready, failed):
+            await channel.wait_for_state_change(state)
+            state = channel.get_state(try_to_connect=True)
+    return state is ready
+
+
 async def register(kubelet_socket: str, endpoint: str, resource_name: str,
-                   timeout: float = REGISTER_TIMEOUT_S) -> None:
-    """One Register call. The kubelet dials us back before answering, so we must already serve."""
+                   timeout: float = REGISTER_TIMEOUT_S,
+                   still_serving: Callable[[], bool] | None = None) -> None:
+    """One Register call. The kubelet dials us back before answering, so we must already serve.
+
+    With ``still_serving``, the connection comes first and Register is sent only while it says
+    yes; otherwise PluginSocketWipedError, and the kubelet has seen nothing."""
     try:
         async with grpc.aio.insecure_channel(f"unix:{kubelet_socket}", options=_CHANNEL_OPTIONS) as channel:
+            if still_serving is not None and await _connected(channel, timeout) and not still_serving():
+                raise PluginSocketWipedError(endpoint)
             stub = api_pb2_grpc.RegistrationStub(channel)
             await stub.Register(
                 api_pb2.RegisterRequest(
@@ -221,6 +241,10 @@ class PluginLifecycle:
             self.attempts += 1
             try:
                 await self._register_serving()
+            except PluginSocketWipedError:
+                log.info("our socket was wiped just before Register (a kubelet starting); serving again",
+                         extra=ctx("register", self.server.socket_path, resource=self.resource_name))
+                return False
             except KubeletRegistrationError as e:
                 if backoff.first_time(e.reason):
                     log.warning("kubelet not ready, will retry: %s", e.reason,
@@ -241,7 +265,8 @@ class PluginLifecycle:
     async def _register_serving(self) -> None:
         """One Register; our socket deleted while it is in flight is served again at once (the
         kubelet that answers may be dialling it). Events seen meanwhile stay set for the caller."""
-        call = asyncio.ensure_future(register(self.kubelet_socket, self.endpoint, self.resource_name))
+        call = asyncio.ensure_future(register(self.kubelet_socket, self.endpoint, self.resource_name,
+                                              still_serving=self.server.socket_intact))
         woken = False
         try:
             while not call.done():
@@ -260,7 +285,8 @@ class PluginLifecycle:
         finally:
             if not call.done():
                 call.cancel()
-                with contextlib.suppress(asyncio.CancelledError, KubeletRegistrationError):
+                with contextlib.suppress(asyncio.CancelledError, KubeletRegistrationError,
+                                         PluginSocketWipedError):
                     await call
             if woken:
                 self._wake.set()

@@ -22,13 +22,14 @@ from agent.adapters import kubelet as kubelet_adapter
 from agent.adapters.inotify import IN_CREATE, IN_DELETE, IN_Q_OVERFLOW, Inotify
 from agent.adapters.kubelet import PluginLifecycle, register
 from agent.app import Agent
-from agent.errors import KubeletRegistrationError
+from agent.errors import KubeletRegistrationError, PluginSocketWipedError
 from agent.settings import Settings
 from agent.sim.kubelet import FakeKubelet
 from tests.conftest import CX7_CONFIG, RESOURCE, RunAgent
 from tests.integration.test_kubelet_standin import StreamsOnDemand
 
 VFS = ["0002:01:00.2", "0002:01:00.3", "0002:01:00.4", "0002:01:00.5"]
+ENDPOINT = "nvidia.com_cx7_qsfp.sock"
 WAIT = 20.0  # only against hangs: far below the 60 s backoff, far above any prompt registration
 
 
@@ -144,6 +145,36 @@ def test_kubelet_starting_as_we_serve_wipes_our_socket_under_an_in_flight_regist
             assert arrived == [RESOURCE] and not kubelet.rejections
         return kubelet
     assert_one_register_per_instance(asyncio.run(body()), 1)
+
+
+def test_no_register_is_sent_for_a_socket_wiped_after_our_check(sim_settings: Settings) -> None:
+    """A kubelet starting wipes every socket before it listens, so once we are connected to it a wipe
+    has happened already: the check made then stops the Register, and the kubelet sees none."""
+    async def body() -> None:
+        arrived: list[str] = []
+
+        async def record(request: api_pb2.RegisterRequest) -> str:
+            arrived.append(request.resource_name)
+            return ""
+
+        kubelet = FakeKubelet(sim_settings.device_plugin_dir, before_register=record)
+        await kubelet.start()
+        try:
+            with pytest.raises(PluginSocketWipedError):
+                await register(kubelet.socket, ENDPOINT, RESOURCE, still_serving=lambda: False)
+            assert arrived == []
+            checked: list[bool] = []
+
+            def serving() -> bool:
+                checked.append(True)
+                return True
+
+            with pytest.raises(KubeletRegistrationError):  # nothing serves the endpoint: the dial fails
+                await register(kubelet.socket, ENDPOINT, RESOURCE, timeout=1, still_serving=serving)
+            assert checked == [True] and arrived == [RESOURCE]
+        finally:
+            await kubelet.stop()
+    asyncio.run(body())
 
 
 def test_kubelet_sock_bound_but_not_yet_listening(sim_settings: Settings, run_agent: RunAgent,
