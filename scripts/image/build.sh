@@ -19,6 +19,9 @@ version="$(sed -n 's/^version = "\(.*\)"$/\1/p' pyproject.toml)"
 image="${IMAGE:-ghcr.io/sriov-rdma-agent/sriov-rdma-agent:$version}"
 platforms="${PLATFORMS:-linux/amd64,linux/arm64}"
 
+IFS=, read -ra wanted <<< "$platforms"
+"$repo/scripts/image/binfmt.sh" "${wanted[@]}"
+
 args=(--isolation chroot --platform "$platforms" --jobs 2 --manifest "$image")
 if [[ -n "${PYTHON_IMAGE:-}" ]]; then args+=(--build-arg "PYTHON_IMAGE=$PYTHON_IMAGE"); fi
 if [[ -n "${CA_BUNDLE:-}" ]]; then args+=(--volume "$(readlink -f "$CA_BUNDLE"):/etc/ssl/certs/ca-certificates.crt:ro"); fi

@@ -6,10 +6,11 @@
 #
 #   scripts/image/python-base.sh <amd64|arm64> <image name>
 #
-# A foreign architecture's second debootstrap stage runs under qemu-user (qemu-user-static registered
-# with binfmt_misc: tests/image/imageharness.py does that). Needs root, debootstrap and buildah.
+# A foreign architecture's second debootstrap stage runs under qemu-user. Needs root, debootstrap,
+# buildah and (for a foreign arch) qemu-user-static.
 set -euo pipefail
 arch="$1" name="$2"
+"$(dirname "$0")/binfmt.sh" "$arch"
 mirror="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 suite=bookworm
 

@@ -46,9 +46,9 @@ def store() -> Store:
 def built(store: Store) -> Built:
     started = time.monotonic()
     try:
-        for arch in ARCHES:
-            ensure_binfmt(arch)
+        ensure_binfmt()
         with store.locked():
+            store.reap()
             base = ensure_bases(store)
             image = ensure_image(store, base)
     except ImageError as e:

@@ -18,9 +18,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import itertools
 import json
 import os
-import platform
 import re
 import shlex
 import shutil
@@ -36,12 +36,14 @@ REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("IMAGE_CACHE_DIR", REPO / ".cache" / "image"))
 BASE_SCRIPT = REPO / "scripts" / "image" / "python-base.sh"
 BUILD_SCRIPT = REPO / "scripts" / "image" / "build.sh"
+BINFMT_SCRIPT = REPO / "scripts" / "image" / "binfmt.sh"
 HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")  # the TLS-intercepting proxy's CA is in here
 ARCHES = ("amd64", "arm64")
-QEMU_NAME = {"amd64": "x86_64", "arm64": "aarch64"}
 ELF_MACHINE = {"amd64": 62, "arm64": 183}  # e_machine: EM_X86_64, EM_AARCH64
 BASE_NAME = "localhost/sriov-rdma-agent-python-base"
 IMAGE_NAME = "localhost/sriov-rdma-agent"
+CONTAINER_PREFIX = "sriov-rdma-agent-test-"
+_serial = itertools.count()
 TOOLS = ("buildah", "debootstrap", "strace", "unshare", "chroot", "mount")
 BASE_TIMEOUT = 900  # an arm64 debootstrap under qemu-user takes ~3 min on an idle machine
 BUILD_TIMEOUT = 1200
@@ -53,10 +55,6 @@ class ImageUnavailable(Exception):
 
 class ImageError(Exception):
     """A base or the image failed to build; the message carries the tool's output."""
-
-
-def host_arch() -> str:
-    return {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
 
 
 def _run(cmd: Sequence[str | Path], *, env: dict[str, str] | None = None, timeout: float = 120,
@@ -87,26 +85,9 @@ def check_machine() -> None:
                          "(scripts/debian-tools.txt)")
 
 
-def ensure_binfmt(arch: str) -> None:
-    """Let the kernel run ``arch`` binaries through qemu-user-static, also inside a chroot (flag F)."""
-    if arch == host_arch():
-        return
-    binfmt = Path("/proc/sys/fs/binfmt_misc")
-    if not (binfmt / "register").exists():
-        _run(["mount", "-t", "binfmt_misc", "binfmt_misc", binfmt], what="mount binfmt_misc")
-    name = f"qemu-{QEMU_NAME[arch]}"
-    entry = binfmt / name
-    if not entry.exists():
-        conf = Path("/usr/lib/binfmt.d") / f"{name}.conf"  # shipped by Debian's qemu-user-static
-        if not conf.exists():
-            raise ImageError(f"{conf} not found: install qemu-user-static (scripts/debian-tools.txt)")
-        with contextlib.suppress(FileExistsError):  # another session registered it meanwhile
-            (binfmt / "register").write_text(conf.read_text().strip())
-    state = entry.read_text()
-    flags = re.search(r"^flags: (\S*)", state, re.M)
-    if not state.startswith("enabled") or flags is None or "F" not in flags.group(1):
-        raise ImageError(f"{entry} is registered without the F flag or disabled, so {arch} binaries cannot "
-                         f"run inside a chroot:\n{state}")
+def ensure_binfmt() -> None:
+    """qemu-user for the foreign arches, registered with binfmt_misc (a reboot forgets it)."""
+    _run([BINFMT_SCRIPT, *ARCHES], what=BINFMT_SCRIPT.name)
 
 
 def overlay_works(directory: Path) -> bool:
@@ -167,11 +148,20 @@ class Store:
     @contextlib.contextmanager
     def rootfs(self, ref: str) -> Iterator[Path]:
         """A working container of ``ref``, mounted: its writable layer is the container's, not the image's."""
-        ctr = self.buildah("from", "--pull=never", "--quiet", ref).strip()
+        name = f"{CONTAINER_PREFIX}{os.getpid()}-{next(_serial)}"
+        ctr = self.buildah("from", "--pull=never", "--quiet", "--name", name, ref).strip()
         try:
             yield Path(self.buildah("mount", ctr).strip())
         finally:
             self.buildah("rm", ctr)
+
+    def reap(self) -> None:
+        """Remove the containers of test sessions that died before cleaning up (their pid is gone)."""
+        for ctr in json.loads(self.buildah("containers", "--json")) or []:
+            name = ctr.get("containername", "")
+            pid = name.removeprefix(CONTAINER_PREFIX).split("-")[0]
+            if name.startswith(CONTAINER_PREFIX) and pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                subprocess.run(["buildah", "rm", name], env=self.env, capture_output=True, check=False)
 
 
 # ------------------------------------------------------------------ bases and the build
@@ -207,12 +197,23 @@ def ensure_bases(store: Store) -> str:
         raise ImageError(f"{BASE_SCRIPT.name} failed:\n" + "\n".join(failed))
     if missing:
         MEASURED[f"base build ({', '.join(missing)} in parallel) [s]"] = round(time.monotonic() - started, 1)
+        drop_other_bases(store, key)
     name = f"{BASE_NAME}:{key}"
     subprocess.run(["buildah", "manifest", "rm", name], env=store.env, capture_output=True, check=False)
     store.buildah("manifest", "create", name)
     for arch in ARCHES:
         store.buildah("manifest", "add", name, f"containers-storage:{BASE_NAME}:{key}-{arch}")
     return name
+
+
+def drop_other_bases(store: Store, key: str) -> None:
+    """A new base makes the old bases and every layer cached on them garbage: remove them."""
+    for image in json.loads(store.buildah("images", "--json")):
+        for name in image.get("names") or []:
+            if name.startswith(f"{BASE_NAME}:") and not name.startswith(f"{BASE_NAME}:{key}"):
+                subprocess.run(["buildah", "rmi", "--force", name], env=store.env, capture_output=True,
+                               check=False)
+    subprocess.run(["buildah", "rmi", "--prune"], env=store.env, capture_output=True, check=False)
 
 
 def context_files() -> list[Path]:
