@@ -29,5 +29,4 @@ lint: setup
 # The image for linux/amd64 and linux/arm64 with buildah (docs/install-talos.md): IMAGE=..., PUSH=1,
 # PYTHON_IMAGE=..., CA_BUNDLE=... (scripts/image/build.sh).
 image:
-	scripts/setup-tools.sh
 	scripts/image/build.sh

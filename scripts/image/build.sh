@@ -19,6 +19,7 @@ version="$(sed -n 's/^version = "\(.*\)"$/\1/p' pyproject.toml)"
 image="${IMAGE:-ghcr.io/sriov-rdma-agent/sriov-rdma-agent:$version}"
 platforms="${PLATFORMS:-linux/amd64,linux/arm64}"
 
+command -v buildah >/dev/null || { echo "build.sh: buildah not found (Debian: apt-get install buildah qemu-user-static)" >&2; exit 1; }
 IFS=, read -ra wanted <<< "$platforms"
 "$repo/scripts/image/binfmt.sh" "${wanted[@]}"
 
