@@ -43,19 +43,19 @@ def store() -> Store:
 
 
 @pytest.fixture(scope="session")
-def built(store: Store) -> Built:
+def built(store: Store) -> Iterator[Built]:
     started = time.monotonic()
-    try:
-        ensure_binfmt()
-        with store.locked():
+    with store.session() as built_now:
+        try:
+            ensure_binfmt()
             store.reap()
-            base = ensure_bases(store)
-            image = ensure_image(store, base)
-    except ImageError as e:
-        pytest.fail(str(e), pytrace=False)
-    MEASURED["storage driver"] = store.driver
-    MEASURED["bases + image ready (this session) [s]"] = round(time.monotonic() - started, 1)
-    return image
+            image = ensure_image(store, ensure_bases(store))
+        except ImageError as e:
+            pytest.fail(str(e), pytrace=False)
+        built_now()
+        MEASURED["storage driver"] = store.driver
+        MEASURED["bases + image ready (this session) [s]"] = round(time.monotonic() - started, 1)
+        yield image
 
 
 @pytest.fixture(scope="session")

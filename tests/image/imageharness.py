@@ -27,8 +27,8 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -140,10 +140,12 @@ class Store:
         return [int(layer["size"]) for layer in json.loads(self.inspect(ref)["Manifest"])["layers"]]
 
     @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
+    def session(self) -> Iterator[Callable[[], None]]:
+        """Hold the cache for a test session: exclusively while building (the caller then calls the
+        yielded function), shared afterwards, so no other session drops an image this one runs."""
         with open(self.cache / "lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            yield
+            yield lambda: fcntl.flock(lock, fcntl.LOCK_SH)
 
     @contextlib.contextmanager
     def rootfs(self, ref: str) -> Iterator[Path]:
@@ -254,7 +256,6 @@ class Built:
     name: str  # the manifest list
     base: str  # the base's manifest list
     refs: dict[str, str]  # arch -> the image by digest
-    info: dict[str, Any] = field(default_factory=dict)  # build timings and sizes, from built/<key>.json
 
 
 def ensure_image(store: Store, base: str) -> Built:
@@ -283,7 +284,7 @@ def ensure_image(store: Store, base: str) -> Built:
     refs = {}
     for instance in store.manifest(name)["manifests"]:
         refs[instance["platform"]["architecture"]] = f"{IMAGE_NAME}@{instance['digest']}"
-    return Built(name=name, base=base, refs=refs, info=json.loads(marker.read_text()))
+    return Built(name=name, base=base, refs=refs)
 
 
 # ------------------------------------------------------------------ running a container, read-only
