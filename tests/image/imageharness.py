@@ -10,7 +10,7 @@ nothing unless the build's inputs changed:
 
     storage-<driver>/, run-<driver>/   buildah's image store: bases, layer cache, built images
     built/<key>.json                   a complete build of those inputs (the key), with its timings
-    lock                               one build at a time across pytest sessions
+    lock                               a build holds it exclusively, a session using the images shared
 """
 
 from __future__ import annotations
