@@ -11,7 +11,9 @@
 #                 into the image. Debian's apt and pip read that file.
 #   PUSH=1        push the list and every image in it to docker://$IMAGE
 #
-# Further arguments go to `buildah bud` (tests/image adds --layers).
+# Further arguments go to `buildah bud`. Not --layers with buildah 1.28: its layer cache ignores what
+# `RUN --mount=type=bind` mounts (a changed lock file or agent would be missed) and mounts an empty
+# directory when the `from=` stage came wholly from the cache.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$repo"

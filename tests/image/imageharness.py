@@ -8,7 +8,7 @@ records every attempt to write a file, create a directory or bind a unix socket.
 Everything lands in the cache (IMAGE_CACHE_DIR, default <repo>/.cache/image), so a second run builds
 nothing unless the build's inputs changed:
 
-    storage-<driver>/, run-<driver>/   buildah's image store: bases, layer cache, built images
+    storage-<driver>/, run-<driver>/   buildah's image store: the bases and the built image
     built/<key>.json                   a complete build of those inputs (the key), with its timings
     lock                               a build holds it exclusively, a session using the images shared
 """
@@ -158,12 +158,13 @@ class Store:
             self.buildah("rm", ctr)
 
     def reap(self) -> None:
-        """Remove the containers of test sessions that died before cleaning up (their pid is gone)."""
+        """Remove what interrupted work left behind: working containers of a failed or killed build, and
+        those of test sessions whose process is gone. Call it holding the lock exclusively."""
         for ctr in json.loads(self.buildah("containers", "--json")) or []:
             name = ctr.get("containername", "")
             pid = name.removeprefix(CONTAINER_PREFIX).split("-")[0]
-            if name.startswith(CONTAINER_PREFIX) and pid.isdigit() and not Path(f"/proc/{pid}").exists():
-                subprocess.run(["buildah", "rm", name], env=self.env, capture_output=True, check=False)
+            if not name.startswith(CONTAINER_PREFIX) or not Path(f"/proc/{pid}").exists():
+                subprocess.run(["buildah", "rm", ctr["id"]], env=self.env, capture_output=True, check=False)
 
 
 # ------------------------------------------------------------------ bases and the build
@@ -209,7 +210,7 @@ def ensure_bases(store: Store) -> str:
 
 
 def drop_other_bases(store: Store, key: str) -> None:
-    """A new base makes the old bases and every layer cached on them garbage: remove them."""
+    """A new base makes the old bases and every image built on them garbage: remove them."""
     for image in json.loads(store.buildah("images", "--json")):
         for name in image.get("names") or []:
             if name.startswith(f"{BASE_NAME}:") and not name.startswith(f"{BASE_NAME}:{key}"):
@@ -240,17 +241,6 @@ def build_key(store: Store, base: str) -> str:
     return _digest(*parts)
 
 
-def drop_bind_mount_layers(store: Store) -> None:
-    """buildah 1.28 keys its layer cache on a RUN step's text, not on what ``RUN --mount=type=bind``
-    mounts: the step that installs the locked packages and the agent's wheel would be reused after
-    either changed. Drop the cached layers of such steps (and those built on them) before building."""
-    for image in json.loads(store.buildah("images", "--all", "--json")):
-        history = store.inspect(image["id"]).get("Docker", {}).get("history") or []
-        if any("--mount=" in (h.get("created_by") or "") for h in history):
-            subprocess.run(["buildah", "rmi", "--force", image["id"]], env=store.env, capture_output=True,
-                           check=False)
-
-
 @dataclass(frozen=True)
 class Built:
     name: str  # the manifest list
@@ -260,31 +250,40 @@ class Built:
 
 def ensure_image(store: Store, base: str) -> Built:
     """The Dockerfile built for every arch by scripts/image/build.sh (what `make image` runs), unless a
-    complete build of the same inputs is in the cache."""
+    complete build of the same inputs is in the cache.
+
+    Without ``--layers``: buildah 1.28's layer cache is wrong for ``RUN --mount=type=bind`` (the Dockerfile's
+    install step). Its cache key is the step's text, not what it mounts, so the step is reused after the
+    lock file or the agent's wheel changed; and when the ``from=wheel`` stage comes wholly from the cache,
+    the mount is empty. A full build of both arches costs about a minute."""
     key = build_key(store, base)
     name = f"{IMAGE_NAME}:test-{key}"
     marker = store.cache / "built" / f"{key}.json"
-    if marker.exists() and store.exists(name):
+    if marker.exists() and store.exists(name) and all(map(store.exists, instances(store, name).values())):
         MEASURED["image build [s]"] = f"cached (built in {json.loads(marker.read_text())['build_seconds']} s)"
     else:
         for old in (store.cache / "built").glob("*.json"):
             subprocess.run(["buildah", "manifest", "rm", f"{IMAGE_NAME}:test-{old.stem}"], env=store.env,
                            capture_output=True, check=False)
             old.unlink()
-        drop_bind_mount_layers(store)
+        # The old lists' images (no session is using them: we hold the lock exclusively).
+        subprocess.run(["buildah", "rmi", "--prune"], env=store.env, capture_output=True, check=False)
         env = {**store.env, "IMAGE": name, "PYTHON_IMAGE": base}
         if HOST_CA.exists():
             env["CA_BUNDLE"] = str(HOST_CA)
         started = time.monotonic()
-        _run([BUILD_SCRIPT, "--layers"], env=env, timeout=BUILD_TIMEOUT, what=f"{BUILD_SCRIPT.name} ({name})")
+        _run([BUILD_SCRIPT], env=env, timeout=BUILD_TIMEOUT, what=f"{BUILD_SCRIPT.name} ({name})")
         info = {"build_seconds": round(time.monotonic() - started, 1), "driver": store.driver}
         marker.parent.mkdir(exist_ok=True)
         marker.write_text(json.dumps(info))
         MEASURED["image build [s]"] = info["build_seconds"]
-    refs = {}
-    for instance in store.manifest(name)["manifests"]:
-        refs[instance["platform"]["architecture"]] = f"{IMAGE_NAME}@{instance['digest']}"
-    return Built(name=name, base=base, refs=refs)
+    return Built(name=name, base=base, refs=instances(store, name))
+
+
+def instances(store: Store, name: str) -> dict[str, str]:
+    """arch -> the image a manifest list names for it, by digest."""
+    listed = store.manifest(name)["manifests"]
+    return {m["platform"]["architecture"]: f"{IMAGE_NAME}@{m['digest']}" for m in listed}
 
 
 # ------------------------------------------------------------------ running a container, read-only
