@@ -4,7 +4,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test setup proto lint bench
+.PHONY: demo test setup proto lint bench image
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -25,3 +25,8 @@ proto: setup
 lint: setup
 	$(VENV)/bin/ruff check agent tests bench
 	$(VENV)/bin/mypy agent
+
+# The image for linux/amd64 and linux/arm64 with buildah (docs/install-talos.md): IMAGE=..., PUSH=1,
+# PYTHON_IMAGE=..., CA_BUNDLE=... (scripts/image/build.sh).
+image:
+	scripts/image/build.sh

@@ -153,6 +153,11 @@ class PyrouteVfNetlink:
         try:
             with DL() as dl:
                 replies = dl.nlm_request(msg, msg_type=dl.prid, msg_flags=NLM_F_REQUEST)
+        except OSError as e:
+            # No generic netlink socket at all: a sandbox or an emulator (qemu-user) refuses the family.
+            if e.errno in (errno.EPROTONOSUPPORT, errno.EAFNOSUPPORT):
+                return None
+            raise NetlinkOpError("devlink eswitch get", pci_address, e.errno or errno.EIO) from e
         except NetlinkError as e:
             if e.code in (errno.ENOENT, errno.ENODEV, errno.EOPNOTSUPP, errno.EINVAL):
                 return None  # no devlink family, no such devlink device, or no eswitch
