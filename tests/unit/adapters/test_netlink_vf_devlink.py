@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 
+import pyroute2
 import pytest
 
 from agent.adapters import netlink_vf
@@ -20,11 +21,11 @@ def refusing(code: int) -> type:
 
 @pytest.mark.parametrize("code", [errno.EPROTONOSUPPORT, errno.EAFNOSUPPORT])
 def test_no_generic_netlink_means_eswitch_mode_unknown(monkeypatch: pytest.MonkeyPatch, code: int) -> None:
-    monkeypatch.setattr(netlink_vf, "DL", refusing(code))
+    monkeypatch.setattr(pyroute2, "DL", refusing(code))  # imported where used (lazily)
     assert netlink_vf.PyrouteVfNetlink().eswitch_mode("0002:01:00.0") is None
 
 
 def test_other_socket_errors_name_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(netlink_vf, "DL", refusing(errno.EMFILE))
+    monkeypatch.setattr(pyroute2, "DL", refusing(errno.EMFILE))
     with pytest.raises(NetlinkOpError, match=r"devlink eswitch get on 0002:01:00\.0: EMFILE"):
         netlink_vf.PyrouteVfNetlink().eswitch_mode("0002:01:00.0")
