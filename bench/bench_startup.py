@@ -70,7 +70,8 @@ def argv_for(kind: str, root: Path, plugin_dir: Path, obs: bool) -> tuple[list[s
              if obs else ["--metrics-address=", "--health-address="])
     return [sys.executable, "-m", "agent", "serve", f"--config={root}/config.yaml", f"--sysfs-root={root}",
             f"--dev-root={root}", f"--device-plugin-dir={plugin_dir}", f"--devinfo-dir={root}/devinfo",
-            f"--pod-resources-socket={root}/pod-resources.sock", *ports], {}
+            f"--pod-resources-socket={root}/pod-resources.sock", f"--state-dir={root}/state",
+            f"--status-socket={root}/status.sock", *ports], {}
 
 
 async def one(kind: str, tree: Path, allocs: int, idle: float, obs: bool) -> Run:
