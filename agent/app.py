@@ -16,7 +16,6 @@ from agent.adapters.deviceplugin import DevicePluginServer, DevicePluginServicer
 from agent.adapters.devinfo import DevinfoDir
 from agent.adapters.health_server import DEVICEPLUGIN, LIFECYCLE, MONITOR, HealthServer
 from agent.adapters.kubelet import PluginLifecycle
-from agent.adapters.metrics import AgentMetrics, MetricsServer, build_metrics
 from agent.adapters.podresources import CachedPodDirectory, PodResourcesClient
 from agent.adapters.status_server import StatusServer
 from agent.adapters.sysfs import SysfsHost, SysfsWriter
@@ -31,7 +30,7 @@ from agent.core.inventory import (
     devinfo_owner,
     preferred_allocation,
 )
-from agent.errors import AllocationError, DevinfoError, SysfsError, shorten
+from agent.errors import AgentError, AllocationError, DevinfoError, SysfsError, shorten
 from agent.guard import guarded
 from agent.healthwatch import HealthWatch
 from agent.ledger import Allocation, PodLedger
@@ -39,10 +38,11 @@ from agent.logs import ctx
 from agent.model import ContainerAllocation, PfInfo, PfReconcileStatus, ResourceView
 from agent.settings import Settings
 from agent.stats import Stats
-from agent.status import status_document
+from agent.status import PodRef, status_document
 
 if TYPE_CHECKING:
     from agent.adapters.executor import Timeouts, VfNetlinkPort
+    from agent.adapters.metrics import AgentMetrics, MetricsServer
     from agent.lifecycle import Lifecycle
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,8 @@ class Agent:
     extra_tasks: list[RootTask] = field(default_factory=list)
     stats: Stats = field(default_factory=Stats)
     started_at: float = field(default_factory=time.monotonic)
-    metrics: AgentMetrics | None = None
+    metrics: AgentMetrics | None = None  # None where nothing is served: prometheus_client not loaded
+    pods: CachedPodDirectory | None = None  # who holds which VF, for scrapes and `status`
     health: HealthServer | None = None
     metrics_server: MetricsServer | None = None
     status_server: StatusServer | None = None
@@ -527,7 +528,10 @@ class Agent:
     async def status(self) -> Mapping[str, object]:
         """The document `sriov-rdma-agent status` prints (pods from PodResources when reachable,
         at most one List call per couple of seconds however often status is asked)."""
-        owners = await self.metrics.collector.refresh_pods() if self.metrics else None
+        if self.metrics is not None:
+            owners = await self.metrics.collector.refresh_pods()
+        else:
+            owners = await _pod_owners(self.pods)
         doc = status_document(self, owners)
         if self.health is not None:
             doc["health"] = self.health.snapshot()
@@ -536,6 +540,8 @@ class Agent:
     async def start_observability(self) -> None:
         """Serve metrics, grpc health and status before any kubelet work, so probes see NOT_SERVING first."""
         if self.metrics is not None and self.settings.metrics_address:
+            from agent.adapters.metrics import MetricsServer  # noqa: PLC0415 (see build_agent)
+
             self.metrics_server = MetricsServer(self.settings.metrics_address, self.metrics)
             await self.metrics_server.start()
         if self.health is not None:
@@ -559,6 +565,18 @@ class Agent:
             await self.status_server.stop()
         if self.health is not None:
             await self.health.stop()
+
+
+async def _pod_owners(pods: CachedPodDirectory | None,
+                      timeout: float = 2.0) -> Mapping[tuple[str, str], PodRef] | None:
+    """Who holds which device, for `status` on an agent without metrics; None when the kubelet cannot
+    say (the metrics collector logs why; `status` shows pods as unknown)."""
+    if pods is None:
+        return None
+    try:
+        return await asyncio.wait_for(pods.device_owners(), timeout)
+    except (AgentError, TimeoutError):
+        return None
 
 
 def load_config(path: str) -> Config:
@@ -586,13 +604,16 @@ def writes_enabled(sysfs_root: str, mountinfo: str = "/proc/self/mountinfo") -> 
 
 
 def build_agent(settings: Settings, config: Config, writer: SysfsWriter | None = None,
-                netlink: VfNetlinkPort | None = None, timeouts: Timeouts | None = None) -> Agent:
+                netlink: VfNetlinkPort | None = None, timeouts: Timeouts | None = None, *,
+                metrics: bool = True) -> Agent:
     """The agent for a node. VFs are managed in the host's sysfs (see writes_enabled) and on a
     simulated tree when a kernel-faithful ``writer`` is given; otherwise the node is only observed.
     Config reload (inotify, SIGHUP) works either way, including changes to the resource set.
 
     The VF lifecycle's modules are imported here, not at the top: pyroute2 loads only when a VF
-    setting needs it, and VF hygiene only where VFs are written."""
+    setting needs it, and VF hygiene only where VFs are written. With ``metrics`` off (`serve` with
+    no --metrics-address) prometheus_client is not loaded at all: nothing could scrape it, and its
+    import is a sixth of start-up to Register and 2 MiB."""
     from agent.adapters.netlink_vf import PyrouteVfNetlink  # noqa: PLC0415
     from agent.lifecycle import Lifecycle  # noqa: PLC0415
 
@@ -601,7 +622,11 @@ def build_agent(settings: Settings, config: Config, writer: SysfsWriter | None =
                   ledger=PodLedger(PodResourcesClient(settings.pod_resources_socket)))
     # Scrapes and `status` see the ledger through a short cache (a burst is one List call); the
     # lifecycle and VF hygiene ask the ledger itself, which always asks the kubelet.
-    agent.metrics = build_metrics(agent, agent.stats, sysfs, pods=CachedPodDirectory(agent.ledger))
+    agent.pods = CachedPodDirectory(agent.ledger)
+    if metrics:
+        from agent.adapters.metrics import build_metrics  # noqa: PLC0415
+
+        agent.metrics = build_metrics(agent, agent.stats, sysfs, pods=agent.pods)
     agent.writes = writer is not None or writes_enabled(settings.sysfs_root)
     agent.lifecycle = Lifecycle(agent, netlink or PyrouteVfNetlink(), timeouts)
     agent.lifecycle.install()

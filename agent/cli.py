@@ -121,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 async def serve(settings: Settings) -> int:
     config = load_config(settings.config)
-    agent = build_agent(settings, config)
+    agent = build_agent(settings, config, metrics=bool(settings.metrics_address))
     if settings.dry_run:
         from agent.lifecycle import print_dry_run  # noqa: PLC0415 (see build_agent)
 

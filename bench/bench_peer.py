@@ -40,7 +40,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from procstat import cpu_seconds, status_kib
+from procstat import compile_agent, cpu_seconds, status_kib
 
 from agent.sim.kubelet import FakeKubelet, SeenDevice
 from agent.sim.peer import PeerNode, PluginProcess, peer_binary, peer_node, peer_process
@@ -421,6 +421,7 @@ def main() -> int:
         print(f"community device plugin binary not found at {binary} (set SRIOV_PEER_BINARY)",
               file=sys.stderr)
         return 2
+    compile_agent(REPO)
     started = time.monotonic()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: processes, netns, tree removed
     with peer_node(binary) as node:

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from procstat import cpu_seconds, free_port, status_kib
+from procstat import compile_agent, cpu_seconds, free_port, status_kib
 
 from agent.sim.kubelet import FakeKubelet
 from agent.sim.node import dgx_spark
@@ -70,7 +70,8 @@ def argv_for(kind: str, root: Path, plugin_dir: Path, obs: bool) -> tuple[list[s
              if obs else ["--metrics-address=", "--health-address="])
     return [sys.executable, "-m", "agent", "serve", f"--config={root}/config.yaml", f"--sysfs-root={root}",
             f"--dev-root={root}", f"--device-plugin-dir={plugin_dir}", f"--devinfo-dir={root}/devinfo",
-            f"--pod-resources-socket={root}/pod-resources.sock", *ports], {}
+            f"--pod-resources-socket={root}/pod-resources.sock", f"--state-dir={root}/state",
+            f"--status-socket={root}/status.sock", *ports], {}
 
 
 async def one(kind: str, tree: Path, allocs: int, idle: float, obs: bool) -> Run:
@@ -130,6 +131,8 @@ def main() -> int:
     kinds += [(f"ours@{Path(t).name}", "ours", Path(t).resolve()) for t in args.tree]
     if not args.no_floor:
         kinds += [("floor", "floor", REPO), ("floor+deps", "floor+deps", REPO)]
+    for _, _, tree in kinds:
+        compile_agent(tree)
     runs: dict[str, list[Run]] = {label: [] for label, _, _ in kinds}
     for r in range(args.rounds):
         idle = args.idle if r == 0 else 0.0

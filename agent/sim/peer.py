@@ -199,11 +199,13 @@ def peer_process(binary: Path, node: SimNode, settings: Settings, *, netns: Node
 
 
 def agent_process(settings: Settings, netns: NodeNetns, log_path: Path) -> PluginProcess:
-    """Our agent's real ``serve`` command line on the same node (settings.config must exist)."""
+    """Our agent's real ``serve`` command line on the same node (settings.config must exist). Every
+    path it writes is the node's: its state and status socket too, never the host's /var/run."""
     argv = ["ip", "netns", "exec", netns.name, sys.executable, "-m", "agent", "serve",
             "--config", settings.config, "--sysfs-root", settings.sysfs_root, "--dev-root", settings.dev_root,
             "--device-plugin-dir", settings.device_plugin_dir, "--devinfo-dir", settings.devinfo_dir,
-            "--pod-resources-socket", settings.pod_resources_socket,
+            "--pod-resources-socket", settings.pod_resources_socket, "--state-dir", settings.state_dir,
+            "--status-socket", settings.status_socket,
             "--metrics-address", settings.metrics_address, "--health-address", settings.health_address]
     return PluginProcess("ours", argv, log_path)
 
