@@ -29,7 +29,7 @@ from tests.conftest import free_port
 from .conftest import REPO, Obj
 from .test_deploy_manifests import RESOURCE, agent_container, base_config, pod_spec
 
-PATH_FLAGS = ("--config", "--sysfs-root", "--dev-root", "--device-plugin-dir", "--devinfo-dir",
+PATH_FLAGS = ("--config", "--sysfs-root", "--dev-root", "--device-plugin-dir", "--devinfo-dir", "--state-dir",
               "--pod-resources-socket")
 ADDRESS_FLAGS = ("--metrics-address", "--health-address")
 

@@ -48,6 +48,7 @@ def test_serving_without_vf_settings_loads_neither_pyroute2_nor_pyudev(sim_node:
             "--sysfs-root", str(sim_node.root), "--dev-root", str(sim_node.root),
             "--device-plugin-dir", str(plugin_dir), "--devinfo-dir", str(sim_root / "devinfo"),
             "--pod-resources-socket", str(sim_root / "pod-resources.sock"),
+            "--state-dir", str(sim_root / "state"), "--status-socket", str(sim_root / "status.sock"),
             "--metrics-address", metrics, "--health-address", f"127.0.0.1:{free_port()}",
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
         try:

@@ -41,8 +41,10 @@ def test_a_held_vf_moves_to_its_new_resource_once_released(sim_node: SimNode, si
             agent.set_config(parse_config(config(["enP2p1s0f0np0", "enP2p1s0f1np1"], [])))
             await agent.rescan("config changed")
             assert agent.pinned == {pf1_vfs[0]: (OTHER, PF1)} and OTHER in agent.retired
-            await kubelet.wait_for(lambda: sorted(kubelet.devices(OTHER)) == [pf1_vfs[0]], timeout=10)
-            assert pf1_vfs[0] not in kubelet.devices(RESOURCE) and pf1_vfs[1] in kubelet.devices(RESOURCE)
+            # Each resource's stream carries its own update: wait for both, in whichever order they land.
+            await kubelet.wait_for(lambda: sorted(kubelet.devices(OTHER)) == [pf1_vfs[0]]
+                                   and pf1_vfs[1] in kubelet.devices(RESOURCE), timeout=10)
+            assert pf1_vfs[0] not in kubelet.devices(RESOURCE)
             await asyncio.sleep(0.5)  # polled a few times: the pod still holds it, nothing moves
             assert agent.pinned and not kubelet.endpoints[OTHER].stopped
             pods.pods = []  # the pod is gone (and the Allocate is older than the grace period)
