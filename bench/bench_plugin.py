@@ -24,6 +24,7 @@ from pathlib import Path
 
 from agent.app import build_agent
 from agent.config import parse_config
+from agent.demo import demo_settings
 from agent.settings import Settings
 from agent.sim.kubelet import FakeKubelet
 from agent.sim.node import dgx_spark
@@ -33,18 +34,17 @@ CONFIG = f"resources:\n  - {{resourceName: {RESOURCE}, pfs: [{{pfName: enP2p1s0f
 
 
 def _settings(root: Path) -> Settings:
-    return Settings(config=str(root / "config.yaml"), sysfs_root=str(root), dev_root=str(root),
-                    device_plugin_dir=str(root / "dp"), devinfo_dir=str(root / "devinfo"),
-                    metrics_address="", health_address="")
+    """Every path under the simulated node, the agent's own state and status socket included."""
+    return demo_settings(root)
 
 
-def _pct(values: Sequence[float], q: float) -> float:
+def pct(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def _fmt(name: str, ms: Sequence[float]) -> str:
-    return (f"{name:<40} n={len(ms):<5} p50={_pct(ms, 50):8.2f} ms  p99={_pct(ms, 99):8.2f} ms  "
+    return (f"{name:<40} n={len(ms):<5} p50={pct(ms, 50):8.2f} ms  p99={pct(ms, 99):8.2f} ms  "
             f"max={max(ms):8.2f} ms")
 
 
@@ -93,7 +93,8 @@ async def _process_start(root: Path) -> float:
         sys.executable, "-m", "agent", "serve", "--config", settings.config, "--sysfs-root", str(root),
         "--dev-root", str(root), "--device-plugin-dir", settings.device_plugin_dir,
         "--devinfo-dir", settings.devinfo_dir, "--metrics-address", "", "--health-address", "",
-        "--status-socket", "",
+        "--status-socket", "", "--state-dir", settings.state_dir,
+        "--pod-resources-socket", settings.pod_resources_socket,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
     try:
         await kubelet.wait_for(lambda: bool(kubelet.registrations), timeout=30)
@@ -140,7 +141,7 @@ def main() -> int:
     print(_fmt("Allocate (1 VF, real socket)", results["allocate"]))
     print(_fmt("kubelet restart -> re-registered", results["restart"]))
     budget = 1000.0
-    print(f"re-registration p99 / 1 s budget: {_pct(results['restart'], 99) / budget:.3f}")
+    print(f"re-registration p99 / 1 s budget: {pct(results['restart'], 99) / budget:.3f}")
     return 0
 
 

@@ -28,9 +28,10 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
+from bench_plugin import _settings, pct
+
 from agent.app import Agent, build_agent
 from agent.config import parse_config
-from agent.settings import Settings
 from agent.sim.kubelet import FakeKubelet
 from agent.sim.node import dgx_spark
 
@@ -41,17 +42,6 @@ CONFIG = f"resources:\n  - {{resourceName: {RESOURCE}, pfs: [{{pfName: enP2p1s0f
 CONFIG2 = CONFIG + f"  - {{resourceName: {SECOND}, pfs: [{{pfName: enp1s0f0np0, numVfs: 2}}]}}\n"
 # Where in the agent's retry cycle the kubelet arrives: spread over the first few backoff steps.
 AGENT_FIRST_DELAYS = (0.05, 0.25, 0.5, 0.9, 1.4, 2.0)
-
-
-def _settings(root: Path) -> Settings:
-    return Settings(config=str(root / "config.yaml"), sysfs_root=str(root), dev_root=str(root),
-                    device_plugin_dir=str(root / "dp"), devinfo_dir=str(root / "devinfo"),
-                    metrics_address="", health_address="")
-
-
-def _pct(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 @contextlib.asynccontextmanager
@@ -91,8 +81,8 @@ class Run:
             self.exactly_once += 1
 
     def line(self) -> str:
-        return (f"{self.name:<34} n={len(self.ms):<4} p50={_pct(self.ms, 50):8.2f} ms  "
-                f"p99={_pct(self.ms, 99):8.2f} ms  max={max(self.ms):8.2f} ms  "
+        return (f"{self.name:<34} n={len(self.ms):<4} p50={pct(self.ms, 50):8.2f} ms  "
+                f"p99={pct(self.ms, 99):8.2f} ms  max={max(self.ms):8.2f} ms  "
                 f"one Register: {self.exactly_once}/{len(self.ms)}")
 
 
