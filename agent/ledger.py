@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from agent.adapters.podresources import PodResourcesUnavailableError
 from agent.core.ledger import ALLOCATE_GRACE_S, judge
-from agent.errors import AgentError
+from agent.errors import AgentError, shorten
 from agent.logs import ctx
 from agent.status import PodDirectory, PodRef
 
@@ -45,6 +45,7 @@ class PodLedger:
     release_listeners: list[Callable[[frozenset[str]], None]] = field(default_factory=list)
     owners: Owners | None = None  # PodResources' last answer; None when it could not be asked
     error: AgentError | None = None  # why it could not
+    unknown: str = ""  # why pod holders are unknown now ("" when PodResources answered or is not deployed)
     _listed: frozenset[str] | None = None
     _held: frozenset[str] = frozenset()  # as of the last refresh: what a release is measured against
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -56,7 +57,12 @@ class PodLedger:
 
     def held(self) -> frozenset[str]:
         """Held now, by the last PodResources answer and the current record (no kubelet call)."""
-        return judge(self._listed, self._times(), self.clock(), self.grace).held
+        return self._sticky(judge(self._listed, self._times(), self.clock(), self.grace).held)
+
+    def _sticky(self, held: frozenset[str]) -> frozenset[str]:
+        """While PodResources is deployed but does not answer, nothing is released: a VF it listed
+        last time may still be in a running pod, and our own record cannot say otherwise."""
+        return held | self._held if self.unknown else held
 
     async def refresh(self) -> frozenset[str]:
         """Ask PodResources, prune the record, tell listeners what was released; return what is held."""
@@ -65,12 +71,13 @@ class PodLedger:
             j = judge(self._listed, self._times(), self.clock(), self.grace)
             for dev_id in [d for d in self.records if d not in j.keep]:
                 del self.records[dev_id]
-            released, self._held = self._held - j.held, j.held
+            held = self._sticky(j.held)
+            released, self._held = self._held - held, held
         if released:
             log.info("released by their pods: %s", ", ".join(sorted(released)), extra=ctx("release"))
             for listener in self.release_listeners:
                 listener(released)
-        return j.held
+        return held
 
     async def device_owners(self) -> Owners:
         """PodDirectory for metrics and status, answered through the ledger so every ask prunes."""
@@ -86,16 +93,20 @@ class PodLedger:
         try:
             owners = await self.pods.device_owners()
         except AgentError as e:
+            # No pod-resources directory is a deployment without the mount: our own record is all
+            # there is. A directory without a socket (the kubelet re-creating it) or a socket that does
+            # not answer is a kubelet in trouble: which VFs pods hold is unknown until it answers.
+            deployed = (not isinstance(e, PodResourcesUnavailableError)
+                        or os.path.isdir(os.path.dirname(e.socket)))
             if self.owners is not None or self.error is None:
-                # No socket at all is a deployment without the pod-resources mount; a socket that
-                # does not answer is a kubelet in trouble.
-                present = isinstance(e, PodResourcesUnavailableError) and os.path.exists(e.socket)
-                log.log(logging.WARNING if present else logging.INFO,
-                        "PodResources unavailable (%s); using the agent's own Allocate record", e,
-                        extra=ctx("pod-resources"))
+                log.log(logging.WARNING if deployed else logging.INFO,
+                        "PodResources unavailable (%s); %s", e,
+                        "no VF is released or destroyed until it answers" if deployed
+                        else "using the agent's own Allocate record", extra=ctx("pod-resources"))
             self.owners, self._listed, self.error = None, None, e
+            self.unknown = shorten(str(e), 200) if deployed else ""
             return
-        self.owners, self.error = owners, None
+        self.owners, self.error, self.unknown = owners, None, ""
         self._listed = frozenset(dev for _, dev in owners)
         for dev_id in self._listed & self.records.keys():
             self.records[dev_id].confirmed = True

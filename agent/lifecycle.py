@@ -50,6 +50,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+HOLDERS_UNKNOWN = "holders_unknown"  # a refusal/warning the planner gives while PodResources does not answer
+UNKNOWN_RETRY_S = 2.0
+UNKNOWN_RETRY_MAX_S = 60.0
+
 
 @dataclass
 class _Run:
@@ -77,6 +81,8 @@ class Lifecycle:
         self._reasons: list[str] = []
         self._first: asyncio.Task[None] | None = None
         self._config_changed = False
+        self._unknown_retries = 0  # reconciles in a row held back because pod holders were unknown
+        self._retry: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------ wiring
     def install(self) -> None:
@@ -222,10 +228,24 @@ class Lifecycle:
                 for a in todo:
                     run.failed.setdefault(a.pf, ("not_converged", f"still to do: {a.describe()}"))
             self._publish(config, res, desired, observed, run)
+            self._retry_while_unknown(run)
             total = sum(run.applied.values())
             if total or run.failed:
                 log.info("reconcile done (%s): %d change(s), %d PF(s) failing, %.0f ms", trigger, total,
                          len(run.failed), (time.monotonic() - started) * 1000, extra=ctx("reconcile"))
+
+    def _retry_while_unknown(self, run: _Run) -> None:
+        """PodResources has no watch: while a change waits for it to say which VFs pods hold, ask
+        again after 2 s, doubling to 60 s. Nothing is scheduled once it answers."""
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        if not any(a.reason == HOLDERS_UNKNOWN for a in run.seen):
+            self._unknown_retries = 0
+            return
+        delay = min(UNKNOWN_RETRY_MAX_S, UNKNOWN_RETRY_S * 2 ** self._unknown_retries)
+        self._unknown_retries += 1
+        self._retry = asyncio.get_running_loop().call_later(delay, self.trigger, "asking PodResources again")
 
     async def _apply(self, todo: Sequence[Action], run: _Run) -> None:
         applied, failed = run.applied, run.failed
@@ -287,7 +307,7 @@ class Lifecycle:
                 continue
             if found is not None:
                 pfs[p.pci_address] = found
-        return Observed(pfs, in_use)
+        return Observed(pfs, in_use, self.agent.ledger.unknown)
 
     def observe_pf(self, address: str) -> PfObserved | None:
         try:

@@ -37,9 +37,14 @@ class PodResourcesClient:
 
     async def device_owners(self) -> dict[tuple[str, str], PodRef]:
         if not os.path.exists(self.socket):
-            raise PodResourcesUnavailableError(self.socket, "no socket (is the pod-resources dir mounted?)")
+            mounted = os.path.isdir(os.path.dirname(self.socket))
+            raise PodResourcesUnavailableError(self.socket, "no socket (is the kubelet running?)" if mounted
+                                               else "no socket (is the pod-resources dir mounted?)")
+        # A channel of its own subchannel pool: a kubelet that refused a moment ago (restarting) is
+        # dialled afresh, not after grpc-core's shared reconnect backoff of up to a second.
         channel = grpc.aio.insecure_channel(f"unix:{self.socket}",
-                                            options=[("grpc.default_authority", "localhost")])
+                                            options=[("grpc.default_authority", "localhost"),
+                                                     ("grpc.use_local_subchannel_pool", 1)])
         try:
             stub: api_pb2_grpc.PodResourcesListerAsyncStub = api_pb2_grpc.PodResourcesListerStub(channel)
             resp = await stub.List(api_pb2.ListPodResourcesRequest(), timeout=self.timeout)

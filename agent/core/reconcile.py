@@ -116,6 +116,9 @@ class Desired:
 class Observed:
     pfs: Mapping[str, PfObserved]
     in_use: frozenset[str] = frozenset()  # VF PCI addresses held by pods
+    # Why pod holders are unknown ("" when known): PodResources is deployed but does not answer, so
+    # any VF may be in a running pod and none is destroyed or reconfigured until it answers.
+    holders_unknown: str = ""
 
 
 # ---------------------------------------------------------------- actions
@@ -207,7 +210,7 @@ class Refuse:
     """A change the agent will not make; the PF is left as it is and the reason is reported."""
 
     pf: str
-    reason: str  # metric label: vf_in_use, over_totalvfs, no_sriov, no_pf_driver
+    reason: str  # metric label: vf_in_use, holders_unknown, over_totalvfs, no_sriov, no_pf_driver
     message: str
     kind = "refuse"
 
@@ -245,11 +248,11 @@ def plan(desired: Desired, observed: Observed) -> tuple[Action, ...]:
         have = observed.pfs.get(want.pci_address)
         if have is None:
             continue  # not on the node: discovery reports it
-        out.extend(_plan_pf(want, have, observed.in_use))
+        out.extend(_plan_pf(want, have, observed.in_use, observed.holders_unknown))
     return tuple(out)
 
 
-def _plan_pf(want: PfDesired, have: PfObserved, in_use: frozenset[str]) -> list[Action]:
+def _plan_pf(want: PfDesired, have: PfObserved, in_use: frozenset[str], unknown: str = "") -> list[Action]:
     cfg = want.config
     pf = want.pci_address
     out: list[Action] = []
@@ -277,6 +280,11 @@ def _plan_pf(want: PfDesired, have: PfObserved, in_use: frozenset[str]) -> list[
             return [*out, Refuse(pf, "vf_in_use",
                                  f"changing numVfs {have.numvfs} -> {target} would destroy VFs held by "
                                  f"running pods: {', '.join(busy)}; kept {have.numvfs} VFs")]
+        if unknown and have.numvfs:
+            return [*out, Refuse(pf, "holders_unknown",
+                                 f"changing numVfs {have.numvfs} -> {target} destroys every VF of the PF, "
+                                 f"and which of them running pods hold is unknown ({unknown}); kept "
+                                 f"{have.numvfs} VFs until PodResources answers")]
     out.extend(_plan_pf_netdev(want, have))
     if target != have.numvfs:
         if cfg.drivers_autoprobe is not None and cfg.drivers_autoprobe != have.drivers_autoprobe:
@@ -292,13 +300,17 @@ def _plan_pf(want: PfDesired, have: PfObserved, in_use: frozenset[str]) -> list[
         out.append(SetDriversAutoprobe(pf, cfg.drivers_autoprobe))
     deferred = []
     for vf in have.vfs:
-        if vf.pci_address in in_use:
+        if vf.pci_address in in_use or unknown:
             actions = _plan_vf(want, have, vf)
             if actions:
                 deferred.append(vf.pci_address)
             continue
         out.extend(_plan_vf(want, have, vf))
-    if deferred:
+    if deferred and unknown:
+        out.append(Warn(pf, "holders_unknown",
+                        f"VF settings are left alone while it is unknown which VFs pods hold ({unknown}): "
+                        f"{', '.join(deferred)}"))
+    elif deferred:
         out.append(Warn(pf, "vf_in_use",
                         f"settings of VFs held by pods are left alone until released: {', '.join(deferred)}"))
     return out

@@ -20,6 +20,7 @@ from agent.settings import Settings
 from agent.sim.kernel import SimKernel, SimNetlink
 from agent.sim.kubelet import FakeKubelet
 from agent.sim.node import SimNode, dgx_spark
+from agent.sim.podresources import FakePodResources, PodDevice
 from tests.conftest import RESOURCE, node_settings
 
 PF = "0002:01:00.0"
@@ -199,3 +200,48 @@ def test_serve_dry_run_prints_the_plan_and_changes_nothing(sim_root: Path) -> No
         f"  3. {PF}: wait for 4 VFs bound and their netdev/RDMA devices present",
     ]
     assert numvfs.read_text() == "2\n" and not os.path.exists(settings.device_plugin_dir)
+
+
+def test_a_restarted_agent_destroys_no_vf_while_podresources_does_not_answer(sim_root: Path) -> None:
+    """The agent restarts (its own Allocate record is empty) while the kubelet restarts too (the
+    pod-resources directory is there, its socket not yet): a config shrinking numVfs is held back,
+    not applied to VFs a running pod may hold. When PodResources answers, the lifecycle asks again by
+    itself and follows what it says."""
+    node, settings, _cm, kernel, netlink = _setup(sim_root, numvfs=4, first=config(2))
+    Path(settings.pod_resources_socket).parent.mkdir(parents=True)
+    pods = FakePodResources(settings.pod_resources_socket)
+
+    async def body() -> None:
+        async with running(node, settings, kernel, netlink, Timeouts(vf_wait=10)) as (agent, _lc, kubelet):
+            try:
+                await _until(lambda: PF in agent.reconcile_status)
+                st = agent.reconcile_status[PF]
+                assert (st.state, st.reason) == ("refused", "holders_unknown") and "no socket" in st.message
+                assert node.pf(PF).numvfs == 4 and len(_healthy(kubelet)) == 4
+                assert not [p for p, _ in kernel.writes if p.endswith("sriov_numvfs")]
+                pods.pods = [PodDevice("ml", "nccl-0", "main", RESOURCE, ("0002:01:00.4",))]
+                await pods.start()  # the kubelet is back: a pod holds one VF
+                await _until(lambda: agent.reconcile_status[PF].reason == "vf_in_use", timeout=15)
+                assert node.pf(PF).numvfs == 4 and "0002:01:00.4" in agent.reconcile_status[PF].message
+            finally:
+                await pods.stop()
+    asyncio.run(body())
+
+
+def test_when_podresources_answers_the_held_back_change_is_applied(sim_root: Path) -> None:
+    node, settings, _cm, kernel, netlink = _setup(sim_root, numvfs=4, first=config(2))
+    Path(settings.pod_resources_socket).parent.mkdir(parents=True)
+    pods = FakePodResources(settings.pod_resources_socket)
+
+    async def body() -> None:
+        async with running(node, settings, kernel, netlink, Timeouts(vf_wait=10)) as (agent, _lc, kubelet):
+            try:
+                await _until(lambda: agent.reconcile_status.get(PF) is not None
+                             and agent.reconcile_status[PF].reason == "holders_unknown")
+                await pods.start()  # no pod holds a VF
+                await kubelet.wait_for(lambda: len(_healthy(kubelet)) == 2, timeout=15)
+                assert [v for p, v in kernel.writes if p.endswith("sriov_numvfs")] == ["0", "2"]
+                await _until(lambda: agent.reconcile_status[PF].state == "ok")
+            finally:
+                await pods.stop()
+    asyncio.run(body())

@@ -87,6 +87,24 @@ def test_never_destroys_vfs_held_by_pods() -> None:
     assert SetNumVfs(PF, 0) in run(pf_config("numVfs: 8"), observed(4), in_use=frozenset({"0000:01:00.2"}))
 
 
+def test_unknown_holders_keep_existing_vfs_and_their_settings() -> None:
+    """After an agent restart our own Allocate record is empty: while PodResources does not answer,
+    any VF may be in a running pod, so none is destroyed or reconfigured; creating VFs is still fine."""
+    why = "PodResources at /p/kubelet.sock: UNAVAILABLE: connection refused"
+    for target in ("numVfs: 0", "numVfs: 2", "numVfs: 8"):
+        (refusal,) = plan(Desired((PfDesired(PF, "a.com/b", pf_config(target), node_name="n1"),)),
+                          Observed({PF: observed(4)}, frozenset(), why))
+        assert isinstance(refusal, Refuse) and refusal.reason == "holders_unknown"
+        assert "4 -> " in refusal.message and "connection refused" in refusal.message
+    fresh = plan(Desired((PfDesired(PF, "a.com/b", pf_config("numVfs: 4"), node_name="n1"),)),
+                 Observed({PF: observed(0)}, frozenset(), why))
+    assert fresh == (SetNumVfs(PF, 4), WaitForVfs(PF, 4, probed=True))
+    (warn,) = plan(Desired((PfDesired(PF, "a.com/b", pf_config("numVfs: 2, trust: true"), node_name="n1"),)),
+                   Observed({PF: observed(2)}, frozenset(), why))
+    assert isinstance(warn, Warn) and warn.reason == "holders_unknown"
+    assert "0002:01:00.2, 0002:01:00.3" in warn.message
+
+
 def test_settings_of_held_vfs_are_deferred_others_applied() -> None:
     actions = run(pf_config("numVfs: 2, trust: true"), observed(2), in_use=frozenset({"0002:01:00.2"}))
     assert actions == (SetVfAttrs(PF, IF, 1, VfChange(trust=True)),
