@@ -1,7 +1,7 @@
 """Prometheus metrics: a custom Collector that reads the agent's state when scraped, and its endpoint.
 
 No polling loop: every value is read at scrape time (sysfs counters, the agent's current views,
-the event counters in agent.stats). The HTTP endpoint runs on the agent's event loop, so the
+the event counters declared in agent.stats.COUNTERS). The HTTP endpoint runs on the agent's event loop, so the
 collector reads agent state on the thread that changes it (no locks, no torn reads).
 
 RDMA port metrics keep node_exporter's infiniband names and {device, port} labels behind our
@@ -30,7 +30,7 @@ from agent.adapters.sysfs import SysfsHost
 from agent.errors import AgentError, ListenError
 from agent.logs import ctx
 from agent.settings import split_address
-from agent.stats import Stats
+from agent.stats import COUNTERS, Stats
 from agent.status import ObservedAgent, PodDirectory, PodRef, pf_rows, vf_rows
 
 log = logging.getLogger(__name__)
@@ -110,24 +110,6 @@ VF_NETDEV_STATS: dict[str, str] = {
     "tx_dropped": "transmit_drop_total",
 }
 _VF_STAT_FILES = tuple(VF_NETDEV_STATS)
-
-# agent.stats event name -> (metric name without _total, help, label names)
-STAT_COUNTERS: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "reconcile_actions": ("reconcile_actions", "Changes the reconciler made, by PF and action.",
-                          ("pf", "action")),
-    "reconcile_errors": ("reconcile_errors", "Reconcile steps that failed, by PF and reason.",
-                         ("pf", "reason")),
-    "health_transitions": ("health_transitions", "VF health changes sent to the kubelet, by new health.",
-                           ("resource", "to")),
-    "kubelet_registrations": ("kubelet_registrations", "Successful Register calls to the kubelet.",
-                              ("resource",)),
-    "vf_resets": ("vf_resets", "Resets of VFs their pods released, by PF, resetOnRelease mode and outcome "
-                  "(ok, failed, skipped_held).", ("pf", "mode", "outcome")),
-    "netlink_resyncs": ("netlink_resyncs", "Full re-reads after a netlink overflow or error, by reason.",
-                        ("reason",)),
-    "callback_errors": ("callback_errors", "Event callbacks and root tasks that failed and were retried "
-                        "with backoff, by callback.", ("callback",)),
-}
 
 ALLOCATE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 # Fence to offered again: milliseconds for `settings`, seconds for an FLR, minutes behind a slow pod exit.
@@ -311,10 +293,10 @@ class AgentCollector(Collector):
                                 value=len(tasks))
 
     def _stat_counters(self) -> Iterator[Metric]:
-        for event, (name, doc, labels) in STAT_COUNTERS.items():
-            fam = CounterMetricFamily(_m(name), doc, labels=list(labels))
-            for found, value in self.stats.series(event):
-                fam.add_metric([found.get(k, "") for k in labels], value)
+        for spec in COUNTERS.values():
+            fam = CounterMetricFamily(_m(spec.name), spec.doc, labels=list(spec.labels))
+            for values, value in self.stats.series(spec.name):
+                fam.add_metric(list(values), value)
             yield fam
 
 
