@@ -12,7 +12,7 @@ import pytest
 from obs_node import make_node
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.adapters.metrics import MetricsServer
+from agent.adapters.metrics_server import MetricsServer
 from agent.errors import UndeclaredCounterError
 from agent.stats import COUNTERS, Stats
 

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 from obs_node import RESOURCE, Node
 
-from agent.adapters.metrics import render_text
+from agent.adapters.metrics_exposition import render_text
 from agent.stats import COUNTERS
 
 DASHBOARD = Path(__file__).resolve().parents[3] / "daemonset/grafana-dashboard.yaml"
