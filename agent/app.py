@@ -42,7 +42,8 @@ from agent.status import PodRef, status_document
 
 if TYPE_CHECKING:
     from agent.adapters.executor import Timeouts, VfNetlinkPort
-    from agent.adapters.metrics import AgentMetrics, MetricsServer
+    from agent.adapters.metrics_collector import AgentMetrics
+    from agent.adapters.metrics_server import MetricsServer
     from agent.lifecycle import Lifecycle
 
 log = logging.getLogger(__name__)
@@ -540,7 +541,7 @@ class Agent:
     async def start_observability(self) -> None:
         """Serve metrics, grpc health and status before any kubelet work, so probes see NOT_SERVING first."""
         if self.metrics is not None and self.settings.metrics_address:
-            from agent.adapters.metrics import MetricsServer  # noqa: PLC0415 (see build_agent)
+            from agent.adapters.metrics_server import MetricsServer  # noqa: PLC0415 (see build_agent)
 
             self.metrics_server = MetricsServer(self.settings.metrics_address, self.metrics)
             await self.metrics_server.start()
@@ -624,7 +625,7 @@ def build_agent(settings: Settings, config: Config, writer: SysfsWriter | None =
     # lifecycle and VF hygiene ask the ledger itself, which always asks the kubelet.
     agent.pods = CachedPodDirectory(agent.ledger)
     if metrics:
-        from agent.adapters.metrics import build_metrics  # noqa: PLC0415
+        from agent.adapters.metrics_collector import build_metrics  # noqa: PLC0415
 
         agent.metrics = build_metrics(agent, agent.stats, sysfs, pods=agent.pods)
     agent.writes = writer is not None or writes_enabled(settings.sysfs_root)

@@ -158,3 +158,22 @@ class ListenError(AgentError):
         self.address = address
         self.reason = reason
         super().__init__(f"{flag} {address}: cannot listen: {reason}")
+
+
+class UndeclaredCounterError(LookupError):
+    """An event counter used with a name or label set that agent.stats.COUNTERS does not declare.
+
+    A bug in the agent, not a surprise from the node: deliberately not an AgentError, so no handler
+    meant for bad input or kernel errors quietly absorbs it."""
+
+    def __init__(self, counter: str, labels: tuple[str, ...],
+                 declared: tuple[str, ...] | None = None) -> None:
+        self.counter = counter
+        self.labels = labels
+        self.declared = declared
+        got = ", ".join(labels) or "no labels"
+        if declared is None:
+            msg = f"counter {counter!r} is not declared in agent.stats.COUNTERS (labels: {got})"
+        else:
+            msg = f"counter {counter!r} declares labels ({', '.join(declared)}), got ({got})"
+        super().__init__(msg)

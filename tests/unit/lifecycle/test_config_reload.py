@@ -46,7 +46,9 @@ def test_invalid_config_is_rejected_and_the_last_good_one_kept(sim_root: Path, n
     Path(settings.config).write_text(text)
     assert asyncio.run(lc.reload_config()) is False
     assert agent.config is good and field in lc.config_error
-    assert agent.stats.get("config_reloads", result="invalid") == 1
+    assert agent.metrics is not None  # the exported counter, as a scrape reads it
+    registry = agent.metrics.registry
+    assert registry.get_sample_value("sriov_rdma_config_reloads_total", {"result": "invalid"}) == 1
     Path(settings.config).write_text(CX7_CONFIG.replace("numVfs: 4", "numVfs: 2"))
     assert asyncio.run(lc.reload_config()) is True and lc.config_error == ""
     assert agent.config.resources[0].pfs[0].num_vfs == 2

@@ -55,6 +55,12 @@ async def _until(predicate: Any, timeout: float = 10.0) -> None:
             await asyncio.sleep(0.02)
 
 
+def reloads(agent_: Agent, result: str) -> float | None:
+    """The exported counter, as a scrape reads it."""
+    assert agent_.metrics is not None
+    return agent_.metrics.registry.get_sample_value("sriov_rdma_config_reloads_total", {"result": result})
+
+
 def _write(settings_config: str, data: bytes) -> None:
     """Replace the file as an editor or a ConfigMap update does (one close-after-write event)."""
     Path(settings_config).write_bytes(data)
@@ -70,7 +76,7 @@ def test_a_bad_config_on_reload_is_rejected_and_the_agent_keeps_serving(sim_root
         async with serving(sim_root) as (agent_, lc, kubelet, runner):
             good = agent_.config
             _write(agent_.settings.config, bad)
-            await _until(lambda: agent_.stats.get("config_reloads", result="invalid") == 1)
+            await _until(lambda: reloads(agent_, "invalid") == 1)
             assert not runner.done(), "a rejected config must never end the agent"
             assert agent_.config is good
             assert lc.config_error.startswith("config: <file>: ") and len(lc.config_error) < 300
@@ -79,7 +85,7 @@ def test_a_bad_config_on_reload_is_rejected_and_the_agent_keeps_serving(sim_root
             assert resp.envs["PCIDEVICE_NVIDIA_COM_CX7_QSFP"] == "0002:01:00.2"
             # The next good file is adopted as usual.
             _write(agent_.settings.config, CX7_CONFIG.replace("numVfs: 4", "numVfs: 3").encode())
-            await _until(lambda: agent_.stats.get("config_reloads", result="ok") == 1)
+            await _until(lambda: reloads(agent_, "ok") == 1)
             assert agent_.config.resources[0].pfs[0].num_vfs == 3 and lc.config_error == ""
     asyncio.run(body())
 

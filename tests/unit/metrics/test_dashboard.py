@@ -12,7 +12,8 @@ from typing import Any
 import yaml
 from obs_node import RESOURCE, Node
 
-from agent.adapters.metrics import render_text
+from agent.adapters.metrics_exposition import render_text
+from agent.stats import COUNTERS
 
 DASHBOARD = Path(__file__).resolve().parents[3] / "daemonset/grafana-dashboard.yaml"
 
@@ -28,12 +29,8 @@ def dashboard_exprs() -> list[str]:
 def test_every_dashboard_metric_is_exported(node: Node) -> None:
     assert node.agent.metrics is not None
     node.agent.metrics.allocate_observer(RESOURCE)(0.001, True)
-    for event, labels in (("reconcile_actions", {"pf": "x", "action": "a"}),
-                          ("reconcile_errors", {"pf": "x", "reason": "r"}),
-                          ("health_transitions", {"resource": RESOURCE, "to": "Healthy"}),
-                          ("kubelet_registrations", {"resource": RESOURCE}),
-                          ("netlink_resyncs", {"reason": "overflow"})):
-        node.agent.stats.inc(event, **labels)
+    for spec in COUNTERS.values():
+        node.agent.stats.inc(spec.name, **dict.fromkeys(spec.labels, "x"))
     node.agent.lifecycles[RESOURCE] = SimpleNamespace(registered=True)  # type: ignore[assignment]
     asyncio.run(node.agent.metrics.collector.refresh_pods())
     exported = set(re.findall(r"^([a-z_]+)[{ ]", render_text(node.agent.metrics.registry).decode(), re.M))

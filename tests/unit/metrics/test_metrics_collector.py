@@ -9,7 +9,8 @@ from obs_node import PF, RESOURCE, FixedPods, Node
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.adapters.metrics import AgentCollector, AgentMetrics, render_text
+from agent.adapters.metrics_collector import AgentCollector, AgentMetrics
+from agent.adapters.metrics_exposition import render_text
 from agent.app import Allocation
 from agent.core.inventory import NodeState
 from agent.model import PfReconcileStatus

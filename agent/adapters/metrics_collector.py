@@ -1,8 +1,8 @@
-"""Prometheus metrics: a custom Collector that reads the agent's state when scraped, and its endpoint.
+"""Prometheus metrics: a custom Collector that turns the agent's state into metric families when scraped.
 
 No polling loop: every value is read at scrape time (sysfs counters, the agent's current views,
-the event counters in agent.stats). The HTTP endpoint runs on the agent's event loop, so the
-collector reads agent state on the thread that changes it (no locks, no torn reads).
+the event counters declared in agent.stats.COUNTERS). agent.adapters.metrics_exposition writes the
+families as text; agent.adapters.metrics_server serves that text over HTTP.
 
 RDMA port metrics keep node_exporter's infiniband names and {device, port} labels behind our
 prefix, so queries written for node_exporter carry over; port_*_data (4-byte words) become bytes.
@@ -11,12 +11,9 @@ prefix, so queries written for node_exporter carry over; port_*_data (4-byte wor
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import math
 import platform
 import re
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -26,17 +23,16 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from agent import __version__
+from agent.adapters.metrics_exposition import render_text
 from agent.adapters.sysfs import SysfsHost
-from agent.errors import AgentError, ListenError
+from agent.errors import AgentError
 from agent.logs import ctx
-from agent.settings import split_address
-from agent.stats import Stats
+from agent.stats import COUNTERS, Stats
 from agent.status import ObservedAgent, PodDirectory, PodRef, pf_rows, vf_rows
 
 log = logging.getLogger(__name__)
 
 PREFIX = "sriov_rdma"
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # what render_text writes
 ESWITCH_MODES = ("legacy", "switchdev")
 RECONCILE_STATES = ("ok", "refused", "error", "external", "not_found", "hung")  # model.PfReconcileStatus
 
@@ -110,24 +106,6 @@ VF_NETDEV_STATS: dict[str, str] = {
     "tx_dropped": "transmit_drop_total",
 }
 _VF_STAT_FILES = tuple(VF_NETDEV_STATS)
-
-# agent.stats event name -> (metric name without _total, help, label names)
-STAT_COUNTERS: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "reconcile_actions": ("reconcile_actions", "Changes the reconciler made, by PF and action.",
-                          ("pf", "action")),
-    "reconcile_errors": ("reconcile_errors", "Reconcile steps that failed, by PF and reason.",
-                         ("pf", "reason")),
-    "health_transitions": ("health_transitions", "VF health changes sent to the kubelet, by new health.",
-                           ("resource", "to")),
-    "kubelet_registrations": ("kubelet_registrations", "Successful Register calls to the kubelet.",
-                              ("resource",)),
-    "vf_resets": ("vf_resets", "Resets of VFs their pods released, by PF, resetOnRelease mode and outcome "
-                  "(ok, failed, skipped_held).", ("pf", "mode", "outcome")),
-    "netlink_resyncs": ("netlink_resyncs", "Full re-reads after a netlink overflow or error, by reason.",
-                        ("reason",)),
-    "callback_errors": ("callback_errors", "Event callbacks and root tasks that failed and were retried "
-                        "with backoff, by callback.", ("callback",)),
-}
 
 ALLOCATE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 # Fence to offered again: milliseconds for `settings`, seconds for an FLR, minutes behind a slow pod exit.
@@ -311,10 +289,10 @@ class AgentCollector(Collector):
                                 value=len(tasks))
 
     def _stat_counters(self) -> Iterator[Metric]:
-        for event, (name, doc, labels) in STAT_COUNTERS.items():
-            fam = CounterMetricFamily(_m(name), doc, labels=list(labels))
-            for found, value in self.stats.series(event):
-                fam.add_metric([found.get(k, "") for k in labels], value)
+        for spec in COUNTERS.values():
+            fam = CounterMetricFamily(_m(spec.name), spec.doc, labels=list(spec.labels))
+            for values, value in self.stats.series(spec.name):
+                fam.add_metric(list(values), value)
             yield fam
 
 
@@ -346,50 +324,9 @@ class AgentMetrics:
         return observe
 
     async def render(self) -> bytes:
+        """What a scrape gets: PodResources asked once, then every family as text."""
         await self.collector.refresh_pods()
         return render_text(self.registry)
-
-
-_TYPE_SUFFIX = {"counter": ("_total", "counter"), "info": ("_info", "gauge"), "stateset": ("", "gauge"),
-                "unknown": ("", "untyped"), "gaugehistogram": ("", "histogram")}
-_OPENMETRICS_ONLY = ("_created", "_gsum", "_gcount")
-
-
-def render_text(registry: CollectorRegistry) -> bytes:
-    """The Prometheus text format (0.0.4), as generate_latest writes it minus the OpenMetrics-only
-    _created series, at about a third of its cost: label names come from our own code (already
-    valid), so only label values are escaped, and only when they hold a character that needs it.
-    254 VFs are ~2400 samples; this keeps a scrape well inside the 50 ms budget on a busy node."""
-    out: list[str] = []
-    for metric in registry.collect():
-        suffix, mtype = _TYPE_SUFFIX.get(metric.type, ("", metric.type))
-        name = metric.name + suffix
-        doc = metric.documentation.replace("\\", r"\\").replace("\n", r"\n")
-        out.append(f"# HELP {name} {doc}\n# TYPE {name} {mtype}\n")
-        skip = tuple(metric.name + s for s in _OPENMETRICS_ONLY)
-        for sample in metric.samples:
-            if sample.name in skip:
-                continue
-            if sample.labels:
-                labels = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(sample.labels.items()))
-                out.append(f"{sample.name}{{{labels}}} {_value(sample.value)}\n")
-            else:
-                out.append(f"{sample.name} {_value(sample.value)}\n")
-    return "".join(out).encode()
-
-
-def _value(v: float) -> str:
-    if math.isnan(v):
-        return "NaN"
-    if v in (math.inf, -math.inf):
-        return "+Inf" if v > 0 else "-Inf"
-    return repr(float(v))
-
-
-def _escape(value: str) -> str:
-    if "\\" in value or '"' in value or "\n" in value:
-        return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r'\"')
-    return value
 
 
 def build_metrics(agent: ObservedAgent, stats: Stats, sysfs: SysfsHost, pods: PodDirectory | None = None,
@@ -405,75 +342,3 @@ def build_metrics(agent: ObservedAgent, stats: Stats, sysfs: SysfsHost, pods: Po
     if process:
         ProcessCollector(registry=registry)
     return AgentMetrics(registry, collector, hist, resets)
-
-
-class MetricsServer:
-    """A minimal HTTP/1.1 endpoint on the event loop: GET /metrics, one request per connection."""
-
-    MAX_HEADER = 16 * 1024
-
-    def __init__(self, address: str, metrics: AgentMetrics, read_timeout: float = 10.0) -> None:
-        self.host, self.port = split_address(address, "--metrics-address")
-        self.metrics = metrics
-        self.read_timeout = read_timeout
-        self._server: asyncio.Server | None = None
-        self.scrapes = 0
-
-    async def start(self) -> int:
-        """Listen; returns the bound port (useful with port 0)."""
-        try:
-            self._server = await asyncio.start_server(self._handle, self.host, self.port,
-                                                      limit=self.MAX_HEADER, reuse_address=True)
-        except OSError as e:
-            raise ListenError("--metrics-address", f"{self.host}:{self.port}", e.strerror or str(e)) from e
-        self.port = self._server.sockets[0].getsockname()[1]
-        log.info("metrics on http://%s:%d/metrics", self.host, self.port, extra=ctx("serve-metrics"))
-        return self.port
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.read_timeout)
-            method, path = _request_line(head)
-            if method not in ("GET", "HEAD"):
-                await _respond(writer, 405, b"only GET\n", "text/plain", extra="Allow: GET, HEAD\r\n")
-            elif path.split("?", 1)[0] in ("/metrics", "/"):
-                started = time.perf_counter()
-                body = await self.metrics.render()
-                self.scrapes += 1
-                log.debug("scrape served in %.1f ms", (time.perf_counter() - started) * 1000,
-                          extra=ctx("scrape"))
-                await _respond(writer, 200, b"" if method == "HEAD" else body, CONTENT_TYPE,
-                               length=len(body))
-            else:
-                await _respond(writer, 404, b"metrics are at /metrics\n", "text/plain")
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError):
-            with contextlib.suppress(ConnectionError):
-                await _respond(writer, 400, b"bad request\n", "text/plain")
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
-
-
-def _request_line(head: bytes) -> tuple[str, str]:
-    parts = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/"):
-        raise ValueError("malformed request line")
-    return parts[0], parts[1]
-
-
-async def _respond(writer: asyncio.StreamWriter, code: int, body: bytes, ctype: str, *,
-                   length: int | None = None, extra: str = "") -> None:
-    reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}[code]
-    head = (f"HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\n"
-            f"Content-Length: {len(body) if length is None else length}\r\nConnection: close\r\n{extra}\r\n")
-    writer.write(head.encode("latin-1") + body)
-    await writer.drain()
