@@ -82,6 +82,15 @@ class SimKernel:
     def count(self, suffix: str = "") -> int:
         return sum(1 for p, _ in self.writes if p.endswith(suffix))
 
+    def rebind(self, address: str, driver: str) -> None:
+        """Move a function to ``driver`` with the writes the agent's BindVfDriver makes: unbind from
+        its driver, driver_override, drivers_probe (for building a node whose VFs are already bound)."""
+        current = _driver(self.node, address)
+        if current is not None:
+            self.write(self.node.sys / "bus/pci/drivers" / current / "unbind", address)
+        self.write(self.node.device_dir(address) / "driver_override", driver)
+        self.write(self.node.sys / "bus/pci/drivers_probe", address)
+
     def settle(self, timeout: float = 10.0) -> None:
         """Wait for delayed VF appearances/probes to finish (for tests and the demo log)."""
         deadline = time.monotonic() + timeout

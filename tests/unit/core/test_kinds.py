@@ -38,12 +38,7 @@ def bind_vfio(node: SimNode, vfs: list[str]) -> SimKernel:
     """What the agent's BindVfDriver writes, in its order, handled as the kernel does."""
     kernel = SimKernel(node)
     for vf in vfs:
-        current = node.device_dir(vf) / "driver"
-        if current.is_symlink():
-            driver = os.readlink(current).rsplit("/", 1)[-1]
-            kernel.store(node.sys / "bus/pci/drivers" / driver / "unbind", vf)
-        kernel.store(node.device_dir(vf) / "driver_override", "vfio-pci")
-        kernel.store(node.sys / "bus/pci/drivers_probe", vf)
+        kernel.rebind(vf, "vfio-pci")
     return kernel
 
 
