@@ -277,7 +277,8 @@ class Agent:
             elsewhere = self.pinned.keys() - here
             mine = {p.pci_address for p in pfs}
             extra = sorted({pf for d, (_, pf) in self.pinned.items() if d in here} - mine)
-            observed = build_view(resource, [*pfs, *(node.pfs[a] for a in extra if a in node.pfs)], in_pod)
+            observed = build_view(resource, [*pfs, *(node.pfs[a] for a in extra if a in node.pfs)], in_pod,
+                                  self.sysfs.dev_path_exists)
             devices = tuple(d for d in observed.devices if d.id not in elsewhere
                             and (d.pf_pci_address in mine or d.id in here))
             # The fence goes over the debounced view: lifting it must not wait out a recovery hold.

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import re
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import yaml
@@ -62,6 +62,11 @@ MacPolicy = Literal["keep", "stable"]
 LinkState = Literal["auto", "enable", "disable"]
 ResetOnRelease = Literal["none", "settings", "flr"]  # what a VF gets when its pod lets go of it
 RESET_MODES: tuple[ResetOnRelease, ...] = ("none", "settings", "flr")
+# What a resource hands a pod (agent/core/kinds): the VF's netdev with its RDMA devices (sriov-cni
+# moves it), or the whole VF bound to vfio-pci for userspace (DPDK, KubeVirt).
+DeviceType = Literal["netdevice", "vfio-pci"]
+DEVICE_TYPES: tuple[DeviceType, ...] = ("netdevice", "vfio-pci")
+VFIO_PCI: DeviceType = "vfio-pci"
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,7 @@ class ResourceConfig:
     pfs: tuple[PfConfig, ...]
     rdma: bool = True  # devices need an RDMA device to be healthy and get /dev/infiniband specs
     nccl_hints: bool = False  # Allocate also sets NCCL_IB_HCA to the allocated VFs' RDMA devices
+    device_type: DeviceType = "netdevice"  # vfio-pci: every PF's vfDriver is vfio-pci, rdma is off
 
     @property
     def socket_name(self) -> str:
@@ -324,20 +330,47 @@ def _lifecycle(raw: object) -> LifecycleTimeouts:
 
 
 def _resource(raw: object, path: str) -> ResourceConfig:
-    m = _mapping(raw, path, allowed={"resourceName", "pfs", "rdma", "ncclHints"})
+    m = _mapping(raw, path, allowed={"resourceName", "pfs", "rdma", "ncclHints", "deviceType"})
     name = m.get("resourceName")
     _check_resource_name(name, f"{path}.resourceName")
     assert isinstance(name, str)
+    device_type = m.get("deviceType", "netdevice")
+    if device_type not in DEVICE_TYPES:
+        raise ConfigError(f"{path}.deviceType", device_type, f"must be one of {', '.join(DEVICE_TYPES)}")
     pfs_raw = m.get("pfs")
     if not isinstance(pfs_raw, list) or not pfs_raw:
         raise ConfigError(f"{path}.pfs", pfs_raw, "must be a non-empty list of PFs")
     pfs = tuple(_pf(p, f"{path}.pfs[{j}]") for j, p in enumerate(pfs_raw))
     rdma = _opt_bool(m, "rdma", path)
     nccl_hints = _opt_bool(m, "ncclHints", path) or False
+    if device_type == VFIO_PCI:
+        return _vfio_resource(name, pfs, path, rdma, nccl_hints)
     if nccl_hints and rdma is False:
         raise ConfigError(f"{path}.ncclHints", nccl_hints, "needs rdma: the hints name the VFs' RDMA devices")
     return ResourceConfig(resource_name=name, pfs=pfs, rdma=True if rdma is None else rdma,
                           nccl_hints=nccl_hints)
+
+
+def _vfio_resource(name: str, pfs: tuple[PfConfig, ...], path: str, rdma: bool | None,
+                   nccl_hints: bool) -> ResourceConfig:
+    """deviceType vfio-pci: the lifecycle binds every VF to vfio-pci (the vfDriver it implies), and a
+    VF bound to vfio-pci has neither a netdev nor an RDMA device, so settings that need one are refused."""
+    why = "a VF bound to vfio-pci has no RDMA device (deviceType vfio-pci)"
+    if rdma:
+        raise ConfigError(f"{path}.rdma", rdma, f"contradicts deviceType vfio-pci: {why}")
+    if nccl_hints:
+        raise ConfigError(f"{path}.ncclHints", nccl_hints, f"contradicts deviceType vfio-pci: {why}")
+    bound = []
+    for j, pf in enumerate(pfs):
+        if pf.vf_driver is not None and pf.vf_driver != VFIO_PCI:
+            raise ConfigError(f"{path}.pfs[{j}].vfDriver", pf.vf_driver,
+                              f"contradicts deviceType vfio-pci: its VFs are bound to {VFIO_PCI} "
+                              "(leave vfDriver out or set it to vfio-pci)")
+        if pf.vf.mtu is not None:
+            raise ConfigError(f"{path}.pfs[{j}].vfMtu", pf.vf.mtu,
+                              "contradicts deviceType vfio-pci: a VF bound to vfio-pci has no netdev")
+        bound.append(replace(pf, vf_driver=VFIO_PCI))
+    return ResourceConfig(resource_name=name, pfs=tuple(bound), rdma=False, device_type=VFIO_PCI)
 
 
 _PF_KEYS = {

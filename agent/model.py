@@ -72,6 +72,14 @@ class NetdevInfo:
 
 
 @dataclass(frozen=True)
+class IommuGroup:
+    """A PCI function's IOMMU group, from its ``iommu_group`` link into /sys/kernel/iommu_groups."""
+
+    number: str  # the group directory's name: "12"
+    name: str = ""  # the group's ``name`` file: "vfio-noiommu" for vfio's no-IOMMU groups, else absent
+
+
+@dataclass(frozen=True)
 class VfInfo:
     """One virtual function. ``netdev`` is None when sriov-cni moved it into a pod: that is normal."""
 
@@ -85,6 +93,7 @@ class VfInfo:
     rdma: RdmaDevice | None = None
     numa_node: int = -1  # -1: the platform reports no NUMA affinity
     error: str = ""  # why its sysfs files could not be read ("" when they could): it is Unhealthy
+    iommu_group: IommuGroup | None = None  # None: no IOMMU (nor vfio's no-IOMMU mode) covers it
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 from agent.adapters.sysfs import SysfsHost
+from agent.core.kinds.vfio import VFIO_DRIVER
 from agent.core.reconcile import (
     Action,
     BindVfDriver,
@@ -165,9 +166,11 @@ class Executor:
         await self._write(a.pf, sys / "drivers_probe", a.vf_pci)
         bound = self.sysfs.driver_of(a.vf_pci)
         if bound != a.driver:
+            iommu = (" and is the IOMMU on (or vfio's no-IOMMU mode, vfio.enable_unsafe_noiommu_mode=1)?"
+                     if a.driver == VFIO_DRIVER else "?")
             raise SysfsError(str(sys / "drivers_probe"), errno.ENODEV, op=f"probe {a.vf_pci} with",
                              hint=f"the VF is bound to {bound or 'no driver'}, not {a.driver}; is the "
-                                  f"{a.driver} module loaded (Talos: machine.kernel.modules)?")
+                                  f"{a.driver} module loaded (Talos: machine.kernel.modules){iommu}")
 
     async def wait_for_vfs(self, pf: str, count: int, probed: bool) -> None:
         """Wait (backing off) until ``count`` VFs exist and, if ``probed``, are bound with their devices."""

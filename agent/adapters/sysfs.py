@@ -18,7 +18,16 @@ from pathlib import Path
 from typing import Protocol
 
 from agent.errors import SysfsContentError, SysfsError, shorten
-from agent.model import NetdevInfo, PciDevice, PfInfo, RdmaDevice, RdmaPort, VfInfo, is_pci_address
+from agent.model import (
+    IommuGroup,
+    NetdevInfo,
+    PciDevice,
+    PfInfo,
+    RdmaDevice,
+    RdmaPort,
+    VfInfo,
+    is_pci_address,
+)
 
 # A sysfs attribute is at most one page; Linux prints into a PAGE_SIZE buffer.
 MAX_ATTR_BYTES = 4096
@@ -161,6 +170,7 @@ class SysfsHost:
             netdev=self._first_netdev(d),
             rdma=self._first_rdma(d),
             numa_node=_int_or(_read_opt(d / "numa_node"), -1),
+            iommu_group=self._iommu_group(d),
         )
 
     def read_netdev(self, ifname: str) -> NetdevInfo | None:
@@ -226,6 +236,14 @@ class SysfsHost:
         return os.path.exists(f"{self.dev}/{dev_path.removeprefix('/dev/')}")
 
     # ------------------------------------------------------------ helpers
+    def _iommu_group(self, d: Path) -> IommuGroup | None:
+        """The function's group: the ``iommu_group`` link's target, and its ``name`` (only groups
+        vfio made up in no-IOMMU mode have one, "vfio-noiommu")."""
+        number = _link_name(d / "iommu_group")
+        if number is None:
+            return None
+        return IommuGroup(number, _read_opt(d / "iommu_group" / "name") or "")
+
     def _first_netdev(self, d: Path) -> NetdevInfo | None:
         names = _listdir(d / "net")
         return self._netdev(d / "net" / names[0], names[0]) if names else None

@@ -80,16 +80,23 @@ def pci_gone(vf: VfInfo) -> bool:
     return not vf.vendor and not vf.device and vf.driver is None
 
 
+def pci_problem(vf: VfInfo) -> str:
+    """Why the VF's PCI function is of no use whatever its kind ("" when it is there and readable)."""
+    if vf.error:
+        return f"cannot read the VF from sysfs: {vf.error}"
+    return GONE if pci_gone(vf) else ""
+
+
 def vf_health(pf: PfInfo, vf: VfInfo, rdma_required: bool, in_pod: bool = False) -> tuple[Health, str]:
-    """Healthy, or Unhealthy with the first reason that makes the VF useless to a pod.
+    """Healthy, or Unhealthy with the first reason that makes the VF useless to a pod: the rule of
+    the netdevice kind (agent/core/kinds/netdevice.py).
 
     A VF whose netdev (or RDMA device, in exclusive netns mode) left the host because it is in
     a pod is not unhealthy: ``in_pod`` says the VF is allocated, so its absence is expected.
     """
-    if vf.error:
-        return Health.UNHEALTHY, f"cannot read the VF from sysfs: {vf.error}"
-    if pci_gone(vf):
-        return Health.UNHEALTHY, GONE
+    problem = pci_problem(vf)
+    if problem:
+        return Health.UNHEALTHY, problem
     if vf.driver is None:
         return Health.UNHEALTHY, "VF has no driver bound"
     if pf.driver is None:

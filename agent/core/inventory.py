@@ -8,7 +8,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from agent.config import ResourceConfig
-from agent.core.health import vf_health
+from agent.core.kinds import DevExists, kind_of
 from agent.errors import AllocationError
 from agent.model import (
     ContainerAllocation,
@@ -21,7 +21,6 @@ from agent.model import (
 )
 
 DEVINFO_VERSION = "1.1.0"  # k8snetworkplumbingwg device-info-spec
-RDMA_CM = "/dev/infiniband/rdma_cm"
 NCCL_IB_HCA = "NCCL_IB_HCA"
 
 # Bounds on what a device-plugin client may send. Our IDs are PCI addresses (12 characters); the kubelet
@@ -45,12 +44,15 @@ class NodeState:
         return None
 
 
-def build_view(resource: ResourceConfig, pfs: Sequence[PfInfo], in_pod: Collection[str] = ()) -> ResourceView:
-    """All VFs of the resource's PFs, each with its health; IDs are VF PCI addresses."""
+def build_view(resource: ResourceConfig, pfs: Sequence[PfInfo], in_pod: Collection[str],
+               dev_exists: DevExists) -> ResourceView:
+    """All VFs of the resource's PFs, each with its health as the resource's device kind judges it;
+    IDs are VF PCI addresses. ``dev_exists`` answers for the /dev nodes a kind checks (vfio-pci)."""
+    kind = kind_of(resource)
     devices = []
     for pf in pfs:
         for vf in pf.vfs:
-            health, reason = vf_health(pf, vf, resource.rdma, vf.pci_address in in_pod)
+            health, reason = kind.health(pf, vf, vf.pci_address in in_pod, dev_exists)
             devices.append(DeviceStatus(vf.pci_address, health, vf.numa_node, pf.pci_address, reason))
     return ResourceView(resource.resource_name, tuple(sorted(devices, key=lambda d: d.id)))
 
@@ -88,9 +90,10 @@ def allocate(resource: ResourceConfig, ids: Sequence[str], view: ResourceView, n
              dev_exists: Callable[[str], bool]) -> ContainerAllocation:
     """The container response the community SR-IOV device plugin gives, for the same IDs.
 
-    Env PCIDEVICE_<RES> lists the IDs in request order; <...>_INFO maps each to its generic and
-    rdma info (keys sorted, as Go's encoding/json does); device specs cover each VF's RDMA char
-    devices that exist on the host plus rdma_cm, de-duplicated by host path.
+    Env PCIDEVICE_<RES> lists the IDs in request order; <...>_INFO maps each to its generic info and
+    what its device kind adds (keys sorted, as Go's encoding/json does); device specs are each VF's,
+    from its kind (RDMA char devices that exist on the host plus rdma_cm; or /dev/vfio/vfio and the
+    VF's group), de-duplicated by host path.
 
     With ``ncclHints`` (off by default, so parity holds) NCCL_IB_HCA="=<rdma devs>" is added: in the
     RDMA subsystem's shared netns mode a pod sees every HCA of the node, and NCCL's exact-match
@@ -99,8 +102,9 @@ def allocate(resource: ResourceConfig, ids: Sequence[str], view: ResourceView, n
     if not ids:
         raise AllocationError("<none>", "the request names no devices")
     check_ids(ids, "devices_ids", unique=True)
+    kind = kind_of(resource)
     known = view.by_id()
-    info: dict[str, dict[str, dict[str, str]]] = {}
+    info: dict[str, dict[str, Mapping[str, str]]] = {}
     hcas: list[str] = []
     specs: dict[str, DeviceSpecOut] = {}
     devinfo: dict[str, str] = {}
@@ -114,22 +118,12 @@ def allocate(resource: ResourceConfig, ids: Sequence[str], view: ResourceView, n
         if found is None:
             raise AllocationError(dev_id, "VF vanished from sysfs")
         _, vf = found
-        entry: dict[str, dict[str, str]] = {"generic": {"deviceID": dev_id}}
-        if resource.rdma and vf.rdma is not None:
-            rdma_env: dict[str, str] = {"rdma_dev": vf.rdma.name}
-            paths = [
-                *((f"/dev/infiniband/{n}", "issm") for n in vf.rdma.issm),
-                *((f"/dev/infiniband/{n}", "umad") for n in vf.rdma.umad),
-                *([(f"/dev/infiniband/{vf.rdma.uverbs}", "uverbs")] if vf.rdma.uverbs else []),
-                (RDMA_CM, "rdma_cm"),
-            ]
-            for path, key in paths:
-                if dev_exists(path):
-                    rdma_env.setdefault(key, path)
-                    specs.setdefault(path, DeviceSpecOut(host_path=path, container_path=path))
-            entry["rdma"] = rdma_env
-            hcas.append(vf.rdma.name)
-        info[dev_id] = entry
+        grant = kind.grant(vf, dev_exists)
+        info[dev_id] = {"generic": {"deviceID": dev_id}, **grant.info}
+        for spec in grant.specs:
+            specs.setdefault(spec.host_path, spec)
+        if "rdma" in grant.info:
+            hcas.append(grant.info["rdma"]["rdma_dev"])
         devinfo[devinfo_file_name(resource.resource_name, dev_id)] = devinfo_content(resource, vf)
     envs = {
         resource.env_name: ",".join(ids),
@@ -147,9 +141,7 @@ def devinfo_file_name(resource_name: str, device_id: str) -> str:
 
 def devinfo_content(resource: ResourceConfig, vf: VfInfo) -> str:
     """A VF's device-info file (device-info-spec 1.1.0), as the community plugin writes it."""
-    pci_info = {"pci-address": vf.pci_address}
-    if resource.rdma and vf.rdma is not None:
-        pci_info["rdma-device"] = vf.rdma.name
+    pci_info = kind_of(resource).devinfo_pci(vf)
     return json.dumps({"type": "pci", "version": DEVINFO_VERSION, "pci": pci_info}, separators=(",", ":"))
 
 

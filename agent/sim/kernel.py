@@ -9,7 +9,9 @@ fails with the same errno, in the same order of checks:
   success, nothing happens; PF without driver -> ENOENT; non-zero while VFs exist -> EBUSY;
   MMIO exhaustion (injected) -> ENOMEM.
 * bind: unknown device or a driver that does not match (driver_override) -> ENODEV; already bound
-  -> EBUSY. unbind: not bound to that driver -> ENODEV. drivers_probe: unknown device -> ENODEV.
+  -> EBUSY; the driver's probe failed (vfio-pci on a function with no IOMMU group, outside vfio's
+  no-IOMMU mode) -> its error, EINVAL. unbind: not bound to that driver -> ENODEV. drivers_probe:
+  unknown device -> ENODEV; a failed probe is only logged (the write succeeds, the device stays unbound).
 * reset (drivers/pci/pci-sysfs.c ``reset_store``): not a number -> EINVAL, a number other than 1 ->
   EINVAL, else a function-level reset (``pci_reset_function``), recorded in ``resets``. The attribute
   exists only on a function with a reset method (``SimPf.vf_flr`` for VFs), so elsewhere -> ENOENT.
@@ -79,6 +81,15 @@ class SimKernel:
 
     def count(self, suffix: str = "") -> int:
         return sum(1 for p, _ in self.writes if p.endswith(suffix))
+
+    def rebind(self, address: str, driver: str) -> None:
+        """Move a function to ``driver`` with the writes the agent's BindVfDriver makes: unbind from
+        its driver, driver_override, drivers_probe (for building a node whose VFs are already bound)."""
+        current = _driver(self.node, address)
+        if current is not None:
+            self.write(self.node.sys / "bus/pci/drivers" / current / "unbind", address)
+        self.write(self.node.device_dir(address) / "driver_override", driver)
+        self.write(self.node.sys / "bus/pci/drivers_probe", address)
 
     def settle(self, timeout: float = 10.0) -> None:
         """Wait for delayed VF appearances/probes to finish (for tests and the demo log)."""
@@ -209,7 +220,10 @@ class SimKernel:
                 raise _err(errno.ENODEV, path)
             if _driver(self.node, address) is not None:
                 raise _err(errno.EBUSY, path)
-            self._probe(address, driver)
+            try:
+                self._probe(address, driver)
+            except OSError as e:
+                raise _err(e.errno or errno.EINVAL, path) from None
         elif attr == "unbind":
             if not self.node.device_dir(address).exists() or _driver(self.node, address) != driver:
                 raise _err(errno.ENODEV, path)
@@ -225,7 +239,10 @@ class SimKernel:
         override = _read(self.node.device_dir(address) / "driver_override")
         if override and override != "(null)":
             if (self.node.sys / "bus/pci/drivers" / override).is_dir():
-                self._probe(address, override)
+                try:
+                    self._probe(address, override)
+                except OSError as e:  # really_probe logs it; drivers_probe still succeeds
+                    self.kernel_log.append(f"{override} {address}: probe failed with error -{e.errno}")
             return
         if self._matches(address, MLX5_DRIVER):
             self._probe(address, MLX5_DRIVER)

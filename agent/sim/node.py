@@ -9,6 +9,7 @@ sriov_offset/sriov_stride, as the PCIe SR-IOV capability defines them.
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,9 @@ _UVERBS_MINOR_BASE = 192
 RDMA_MODULES = ("mlx5_core", "mlx5_ib", "ib_core", "ib_uverbs", "ib_umad", "ib_cm", "iw_cm", "rdma_cm",
                 "rdma_ucm", "vfio_pci")
 _MODULE_DRIVERS = {"mlx5_core": MLX5_DRIVER, "vfio_pci": "vfio-pci"}
+VFIO_DRIVER = "vfio-pci"
+VFIO_NOIOMMU_NAME = "vfio-noiommu"  # the name vfio gives the groups it makes up in no-IOMMU mode
+_VFIO_MAJOR = 511  # dynamic char major the vfio group nodes get (misc 10:196 is /dev/vfio/vfio)
 # The arm64 DGX Spark's SMMUv3 as /sys/class/iommu names it.
 SIM_IOMMU = "smmu3.0x0000000016000000"
 
@@ -98,6 +102,7 @@ class SimNode:
     modules: tuple[str, ...] = RDMA_MODULES  # loaded kernel modules (sys/module)
     netns_mode: str = "shared"  # ib_core netns_mode: "shared" (Y, the default) or "exclusive" (N)
     iommu: bool = True  # an IOMMU is on: every PCI function sits in an iommu group
+    vfio_noiommu: bool = False  # vfio.enable_unsafe_noiommu_mode=1: vfio-pci makes up a group without one
     _next_rdma: int = 0
     _next_iommu_group: int = 0
     _next_ifindex: int = 2
@@ -129,6 +134,13 @@ class SimNode:
             misc.mkdir(parents=True, exist_ok=True)
             _write(misc / "dev", "10:58\n")
             _symlink(self.sys / "class/misc/rdma_cm", misc)
+        if "vfio_pci" in self.modules:  # vfio's container node, /dev/vfio/vfio (misc 10:196)
+            (self.dev / "vfio").mkdir(parents=True, exist_ok=True)
+            _write(self.dev / "vfio/vfio", "")
+            misc = self.sys / "devices/virtual/misc/vfio"
+            misc.mkdir(parents=True, exist_ok=True)
+            _write(misc / "dev", "10:196\n")
+            _symlink(self.sys / "class/misc/vfio", misc)
         _write(self.sys / "bus/pci/drivers_probe", "")
         _write(self.sys / "bus/pci/drivers_autoprobe", "1\n")
         for drv in (d for m, d in _MODULE_DRIVERS.items() if m in self.modules):
@@ -205,16 +217,62 @@ class SimNode:
         _write(d / "reset", "")
         _symlink(self.sys / "bus/pci/devices" / address, d)
         if self.iommu:
-            group = self.sys / "kernel/iommu_groups" / str(self._next_iommu_group)
-            self._next_iommu_group += 1
-            (group / "devices").mkdir(parents=True, exist_ok=True)
+            group = self._add_iommu_group(address)
             _write(group / "type", "DMA\n")
-            _symlink(group / "devices" / address, d)
-            _symlink(d / "iommu_group", group)
             _symlink(d / "iommu", self.sys / "devices/virtual/iommu" / SIM_IOMMU)
         if driver:
             self.bind(address, driver)
         return d
+
+    def _add_iommu_group(self, address: str) -> Path:
+        """iommu_group_alloc + iommu_group_add_device: the next group number, the device in it."""
+        group = self.sys / "kernel/iommu_groups" / str(self._next_iommu_group)
+        self._next_iommu_group += 1
+        (group / "devices").mkdir(parents=True, exist_ok=True)
+        d = self.device_dir(address)
+        _symlink(group / "devices" / address, d)
+        _symlink(d / "iommu_group", group)
+        return group
+
+    def _vfio_attach(self, address: str) -> None:
+        """vfio_pci_probe: the device's IOMMU group gets its /dev/vfio node. With no group, vfio's
+        no-IOMMU mode makes one up (named "vfio-noiommu", node /dev/vfio/noiommu-<n>); without that
+        mode the probe fails with EINVAL and the device stays unbound."""
+        link = self.device_dir(address) / "iommu_group"
+        if link.is_symlink():
+            group, node = link.resolve(), link.resolve().name
+        elif self.vfio_noiommu:
+            group = self._add_iommu_group(address)
+            _write(group / "name", VFIO_NOIOMMU_NAME + "\n")
+            node = f"noiommu-{group.name}"
+        else:
+            raise OSError(errno.EINVAL, f"vfio-pci {address}: no iommu_group found")
+        (self.dev / "vfio").mkdir(parents=True, exist_ok=True)
+        _write(self.dev / "vfio" / node, "")
+        vd = self.sys / "devices/virtual/vfio" / node
+        vd.mkdir(parents=True, exist_ok=True)
+        _write(vd / "dev", f"{_VFIO_MAJOR}:{group.name}\n")
+        _symlink(self.sys / "class/vfio" / node, vd)
+
+    def _vfio_detach(self, address: str) -> None:
+        """vfio-pci released: the group's node goes once no device of the group is bound to vfio-pci;
+        a group vfio made up (no-IOMMU) goes with it."""
+        link = self.device_dir(address) / "iommu_group"
+        if not link.is_symlink():
+            return
+        group = link.resolve()
+        for member in (group / "devices").iterdir():
+            drv = member / "driver"
+            if member.name != address and drv.is_symlink() and os.readlink(drv).endswith("/" + VFIO_DRIVER):
+                return
+        noiommu = _read_text(group / "name") == VFIO_NOIOMMU_NAME
+        node = f"noiommu-{group.name}" if noiommu else group.name
+        (self.dev / "vfio" / node).unlink(missing_ok=True)
+        _unlink_if_link(self.sys / "class/vfio" / node)
+        _rmtree(self.sys / "devices/virtual/vfio" / node)
+        if noiommu:
+            link.unlink()
+            _rmtree(group)
 
     def _add_netdev(self, address: str, name: str, up: bool, speed: int, mtu: int) -> None:
         nd = self.device_dir(address) / "net" / name
@@ -324,9 +382,12 @@ class SimNode:
         return created
 
     def probe_vf(self, vf_address: str, driver: str = MLX5_DRIVER) -> None:
-        """What binding mlx5_core to a VF makes appear: netdev and RDMA device."""
+        """What binding a driver to a VF makes appear: mlx5_core its netdev and RDMA device, vfio-pci
+        its group's /dev/vfio node (OSError EINVAL when it has no group to use)."""
         pf = self.pf(self.pf_of(vf_address))
         index = self.vf_index(vf_address)
+        if driver == VFIO_DRIVER:
+            self._vfio_attach(vf_address)
         self.bind(vf_address, driver)
         if driver == MLX5_DRIVER:
             name = self.vf_netdev_name(pf.pci_address, index)
@@ -367,6 +428,8 @@ class SimNode:
         drv = d / "driver"
         if drv.is_symlink():
             name = os.readlink(drv).rsplit("/", 1)[-1]
+            if name == VFIO_DRIVER:
+                self._vfio_detach(address)
             _unlink_if_link(self.sys / "bus/pci/drivers" / name / address)
             drv.unlink()
 
@@ -434,19 +497,28 @@ class SimNode:
         return name
 
 
-def dgx_spark(root: Path, numvfs: int = 4, totalvfs: int = 8) -> SimNode:
-    """A DGX Spark's ConnectX-7: four PFs in two PCI domains; the 0002 port 0 carries the QSFP cable."""
+def dgx_spark(root: Path, numvfs: int = 4, totalvfs: int = 8, *, iommu: bool = True,
+              vfio_noiommu: bool = False) -> SimNode:
+    """A DGX Spark's ConnectX-7: four PFs in two PCI domains; the 0002 port 0 carries the QSFP cable.
+    ``iommu`` off: no IOMMU groups (vfio-pci then needs ``vfio_noiommu``, vfio's no-IOMMU mode)."""
     pfs = [
         SimPf("0000:01:00.0", "enp1s0f0np0", totalvfs=totalvfs, link_up=False),
         SimPf("0000:01:00.1", "enp1s0f1np1", totalvfs=totalvfs, link_up=False, sriov_offset=1 + totalvfs),
         SimPf("0002:01:00.0", "enP2p1s0f0np0", totalvfs=totalvfs, numvfs=numvfs),
         SimPf("0002:01:00.1", "enP2p1s0f1np1", totalvfs=totalvfs, link_up=False, sriov_offset=1 + totalvfs),
     ]
-    return SimNode(root=root, pfs=pfs).build()
+    return SimNode(root=root, pfs=pfs, iommu=iommu, vfio_noiommu=vfio_noiommu).build()
 
 
 def _write(path: Path, text: str) -> None:
     path.write_text(text)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        return ""
 
 
 def _symlink(link: Path, target: Path) -> None:

@@ -38,7 +38,8 @@ from pathlib import Path
 
 from agent.demo import DEMO_CONFIG, demo_settings
 from agent.settings import Settings
-from agent.sim.node import SimNode, dgx_spark
+from agent.sim.kernel import SimKernel
+from agent.sim.node import VFIO_DRIVER, SimNode, dgx_spark
 
 # The plugin gets SIGKILL if the test or bench process dies without cleaning up; set by setpriv, not
 # a preexec_fn, which would make Python fork() a process that has gRPC threads.
@@ -51,13 +52,28 @@ PEER_CONFIG = {"resourceList": [{
     "resourceName": "cx7_qsfp", "resourcePrefix": PEER_RESOURCE_PREFIX,
     "selectors": {"vendors": ["15b3"], "devices": ["101e"], "drivers": ["mlx5_core"], "isRdma": True},
 }]}
+# The vfio-pci kind: the same VFs bound to vfio-pci, as ours serves them with deviceType vfio-pci.
+VFIO_RESOURCE = f"{PEER_RESOURCE_PREFIX}/cx7_dpdk"
+PEER_VFIO_CONFIG = {"resourceList": [{
+    "resourceName": "cx7_dpdk", "resourcePrefix": PEER_RESOURCE_PREFIX,
+    "selectors": {"vendors": ["15b3"], "devices": ["101e"], "drivers": ["vfio-pci"]},
+}]}
+VFIO_CONFIG = f"""\
+resources:
+  - resourceName: {VFIO_RESOURCE}
+    deviceType: vfio-pci
+    pfs:
+      - pfName: enP2p1s0f0np0
+        numVfs: 4
+"""
 
-# Runs inside `ip netns exec NS unshare -m --propagation private sh -c`; $1..$6 are the simulated
-# sys/, dev/infiniband, device-plugin dir, device-info dir, the config and the binary. Everything
-# under the node root is bound before /dev is replaced, since the root may itself live in /dev/shm.
+# Runs inside `ip netns exec NS unshare -m --propagation private sh -c`; $1..$7 are the simulated
+# sys/, dev/infiniband, dev/vfio (bound only when the node has one), device-plugin dir, device-info
+# dir, the config and the binary. Everything under the node root is bound before /dev is replaced,
+# since the root may itself live in /dev/shm.
 _PEER_MOUNTS = r"""
 set -eu
-sys=$1 ib=$2 dp=$3 devinfo=$4 config=$5 bin=$6; shift 6
+sys=$1 ib=$2 vfio=$3 dp=$4 devinfo=$5 config=$6 bin=$7; shift 7
 run=$(readlink -f /var/run)
 mount -t tmpfs sriovdp-var-lib /var/lib
 mount -t tmpfs sriovdp-run "$run"
@@ -71,6 +87,7 @@ mount --bind "$bin" "$stage/sriovdp"
 mount -t tmpfs sriovdp-dev "$stage/dev"
 mkdir "$stage/dev/infiniband"
 mount --bind "$ib" "$stage/dev/infiniband"
+if [ -d "$vfio" ]; then mkdir "$stage/dev/vfio"; mount --bind "$vfio" "$stage/dev/vfio"; fi
 for d in null zero urandom; do touch "$stage/dev/$d"; mount --bind "/dev/$d" "$stage/dev/$d"; done
 mount --bind "$sys" /sys
 mount --move "$stage/dev" /dev
@@ -186,13 +203,16 @@ class PluginProcess:
 
 
 def peer_process(binary: Path, node: SimNode, settings: Settings, *, netns: NodeNetns,
-                 log_path: Path, verbosity: int = 10) -> PluginProcess:
-    """The community plugin on ``node``, with the config for the agent's resource."""
+                 log_path: Path, verbosity: int = 10,
+                 peer_config: dict[str, object] | None = None) -> PluginProcess:
+    """The community plugin on ``node``, with the config for the agent's resource (``PEER_CONFIG``
+    unless ``peer_config`` says otherwise)."""
     config = Path(settings.device_plugin_dir).parent / "sriovdp-config.json"
-    config.write_text(json.dumps(PEER_CONFIG))
+    config.write_text(json.dumps(peer_config or PEER_CONFIG))
     argv = ["ip", "netns", "exec", netns.name, "unshare", "-m", "--propagation", "private",
             "sh", "-c", _PEER_MOUNTS, "sriovdp",
-            str(node.sys), str(node.dev / "infiniband"), settings.device_plugin_dir, settings.devinfo_dir,
+            str(node.sys), str(node.dev / "infiniband"), str(node.dev / "vfio"),
+            settings.device_plugin_dir, settings.devinfo_dir,
             str(config), str(binary.resolve()),
             "--resource-prefix", PEER_RESOURCE_PREFIX, "--logtostderr", "-v", str(verbosity)]
     return PluginProcess("peer", argv, log_path)
@@ -220,10 +240,12 @@ class PeerNode:
     settings: Settings  # our agent's, with the kubelet's directories under the node root
     netns: NodeNetns
     binary: Path
+    peer_config: dict[str, object] = field(default_factory=lambda: dict(PEER_CONFIG))
 
     def peer(self, verbosity: int = 10) -> PluginProcess:
         return peer_process(self.binary, self.sim, self.settings, netns=self.netns,
-                            log_path=self.root / "peer.log", verbosity=verbosity)
+                            log_path=self.root / "peer.log", verbosity=verbosity,
+                            peer_config=self.peer_config)
 
     def ours(self) -> PluginProcess:
         return agent_process(self.settings, self.netns, self.root / "ours.log")
@@ -247,20 +269,27 @@ class PeerNode:
 
 
 @contextlib.contextmanager
-def peer_node(binary: Path) -> Iterator[PeerNode]:
+def peer_node(binary: Path, *, vfio: bool = False) -> Iterator[PeerNode]:
     """A fresh node on tmpfs (short paths: a unix socket path holds 107 bytes) and its netns;
-    both removed on the way out."""
+    both removed on the way out. With ``vfio`` the QSFP port's VFs are bound to vfio-pci (as the
+    kernel does it: driver_override, drivers_probe) and both plugins serve them as ``VFIO_RESOURCE``."""
     base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
     root = Path(tempfile.mkdtemp(prefix="srap-", dir=base))
     try:
         sim = dgx_spark(root / "node")
         settings = demo_settings(sim.root)
-        Path(settings.config).write_text(DEMO_CONFIG)
+        Path(settings.config).write_text(VFIO_CONFIG if vfio else DEMO_CONFIG)
+        if vfio:
+            kernel = SimKernel(sim)
+            pf = sim.pf("enP2p1s0f0np0")
+            for i in range(pf.numvfs):
+                kernel.rebind(sim.vf_address(pf.pci_address, i), VFIO_DRIVER)
         for d in (settings.device_plugin_dir, settings.devinfo_dir):
             os.makedirs(d)
         netns = NodeNetns.create(sim)
         try:
-            yield PeerNode(root, sim, settings, netns, binary)
+            yield PeerNode(root, sim, settings, netns, binary,
+                           dict(PEER_VFIO_CONFIG if vfio else PEER_CONFIG))
         finally:
             netns.delete()
     finally:

@@ -245,3 +245,29 @@ def test_when_podresources_answers_the_held_back_change_is_applied(sim_root: Pat
             finally:
                 await pods.stop()
     asyncio.run(body())
+
+
+def test_device_type_vfio_pci_binds_the_vfs_and_allocates_their_groups(sim_root: Path) -> None:
+    """``deviceType: vfio-pci``: the start-up reconcile moves the VFs mlx5_core probed to vfio-pci
+    (driver_override + drivers_probe); they are Healthy once the recovery hold has passed (they were
+    first seen on mlx5_core, Unhealthy for this kind)."""
+    vfio = config(4).replace("    pfs:", "    deviceType: vfio-pci\n    pfs:")
+    node, settings, _cm, kernel, netlink = _setup(sim_root, first=vfio)
+    vfs = [node.vf_address(PF, i) for i in range(4)]
+
+    async def body() -> None:
+        async with running(node, settings, kernel, netlink, Timeouts(vf_wait=10)) as (agent, _lc, kubelet):
+            assert all(os.readlink(node.device_dir(vf) / "driver").endswith("/vfio-pci") for vf in vfs)
+            await kubelet.wait_for(lambda: _healthy(kubelet) == vfs, timeout=10)
+            group = os.readlink(node.device_dir(vfs[2]) / "iommu_group").rsplit("/", 1)[-1]
+            resp = await kubelet.allocate(RESOURCE, [vfs[2]])
+            node_dev = f"/dev/vfio/{group}"
+            assert [(d.host_path, d.container_path, d.permissions) for d in resp.devices] == [
+                ("/dev/vfio/vfio", "/dev/vfio/vfio", "rw"), (node_dev, node_dev, "rw")]
+            assert resp.envs["PCIDEVICE_NVIDIA_COM_CX7_QSFP_INFO"] == (
+                f'{{"{vfs[2]}":{{"generic":{{"deviceID":"{vfs[2]}"}},'
+                f'"vfio":{{"dev-mount":"/dev/vfio/{group}","mount":"/dev/vfio/vfio"}}}}}}')
+            node.set_pf_link("enP2p1s0f0np0", up=False)  # the PF's link is the uplink of every VF
+            await agent.rescan("cable pulled")  # no netlink here: the node is read again
+            await kubelet.wait_for(lambda: not _healthy(kubelet), timeout=10)
+    asyncio.run(body())

@@ -12,6 +12,7 @@ import contextlib
 import os
 import shutil
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,8 @@ DELIBERATE = {
     "info-rdma-dev": "ours adds rdma.rdma_dev to each device of the _INFO env",
     "kubelet-absent": "with no kubelet.sock at start, ours waits for it; the peer exits",
     "devinfo-kept-on-exit": "on SIGTERM ours keeps the device-info files; the peer removes them",
+    "vfio-dev-mount": "ours names the VF's group node (dev-mount) in its vfio _INFO object from the "
+                      "first Allocate on; the peer's binary only from that VF's second Allocate",
 }
 
 
@@ -47,9 +50,9 @@ class RecordingKubelet(FakeKubelet):
         self.requests.append(copy)
         return ""
 
-    def listed(self, after: int = 0) -> bool:
+    def listed(self, after: int = 0, resource: str = RESOURCE) -> bool:
         """More than ``after`` registrations, and the newest endpoint has sent its device list."""
-        ep = self.endpoints.get(RESOURCE)
+        ep = self.endpoints.get(resource)
         return len(self.registrations) > after and ep is not None and bool(ep.updates)
 
 
@@ -102,15 +105,68 @@ async def serving(kubelet: RecordingKubelet, start: bool = True) -> AsyncIterato
 
 
 async def wait_listed(kubelet: RecordingKubelet, proc: PluginProcess, after: int = 0,
-                      timeout: float = 20.0) -> None:
+                      timeout: float = 20.0, resource: str = RESOURCE) -> None:
     """Until the plugin has registered more than ``after`` times and sent its devices; on timeout
     the failure carries the plugin's log."""
     try:
-        await kubelet.wait_for(lambda: kubelet.listed(after), timeout=timeout)
+        await kubelet.wait_for(lambda: kubelet.listed(after, resource), timeout=timeout)
     except TimeoutError:
         state = "running" if proc.returncode is None else f"exited {proc.returncode}"
         raise AssertionError(f"{proc.name} did not register within {timeout} s ({state}); "
                              f"log tail:\n{proc.log()[-3000:]}") from None
+
+
+@dataclass
+class Observed:
+    """What one plugin made the kubelet and the device-info directory see."""
+
+    requests: list[api_pb2.RegisterRequest]
+    options: api_pb2.DevicePluginOptions
+    devices: list[tuple[str, str, tuple[int, ...]]]  # (ID, health, NUMA nodes) in the order sent
+    devinfo_at_start: dict[str, tuple[str, str]]
+    allocations: list[api_pb2.ContainerAllocateResponse]
+    devinfo_after_allocate: dict[str, tuple[str, str]]
+    exit_code: int
+    devinfo_after_exit: dict[str, tuple[str, str]]
+    sockets_after_exit: list[str]
+    log: str
+
+
+def allocation_requests(vfs: list[str]) -> list[list[str]]:
+    """One VF; then two VFs in reverse order."""
+    return [[vfs[0]], [vfs[3], vfs[1]]]
+
+
+@dataclass
+class Parity:
+    """The same run, once with the community plugin (``peer``) and once with ours."""
+
+    peer: Observed
+    ours: Observed
+    vfs: list[str]
+
+    @property
+    def requests(self) -> list[list[str]]:
+        return allocation_requests(self.vfs)
+
+
+async def observe(node: PeerNode, kubelet: RecordingKubelet, proc: PluginProcess,
+                  resource: str = RESOURCE) -> Observed:
+    """Start ``proc``, let it register and list, make the two Allocate calls, SIGTERM it; record it all."""
+    node.clear_devinfo()
+    before_reg, before_req = len(kubelet.registrations), len(kubelet.requests)
+    async with running(proc):
+        await wait_listed(kubelet, proc, before_reg, resource=resource)
+        ep = kubelet.endpoints[resource]
+        devices = [(d.id, d.health, d.numa) for d in ep.devices.values()]
+        at_start = node.devinfo()
+        allocations = [await kubelet.allocate(resource, ids) for ids in allocation_requests(node.vfs())]
+        after_allocate = node.devinfo()
+        # The peer notices SIGTERM only between two 5 s polls of its socket: allow for that.
+        code = await proc.terminate(timeout=30)
+        await kubelet.await_disconnects()
+    return Observed(kubelet.requests[before_req:], ep.options, devices, at_start, allocations,
+                    after_allocate, code, node.devinfo(), node.sockets(), proc.log())
 
 
 async def until(predicate: Callable[[], bool], what: str, timeout: float = 20.0) -> None:

@@ -15,79 +15,28 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from agent._pb.deviceplugin.v1beta1 import api_pb2
-from agent.sim.peer import PeerNode, PluginProcess, peer_node
+from agent.sim.peer import peer_node
 
 from .conftest import (
     DELIBERATE,
     REPO_ROOT,
     RESOURCE,
     SOCKET,
-    RecordingKubelet,
+    Parity,
     kubelet_for,
-    running,
+    observe,
     serving,
-    wait_listed,
 )
 
 pytestmark = pytest.mark.peer
 
 ENV = "PCIDEVICE_NVIDIA_COM_CX7_QSFP"
-
-
-
-@dataclass
-class Observed:
-    """What one plugin made the kubelet and the device-info directory see."""
-
-    requests: list[api_pb2.RegisterRequest]
-    options: api_pb2.DevicePluginOptions
-    devices: list[tuple[str, str, tuple[int, ...]]]  # (ID, health, NUMA nodes) in the order sent
-    devinfo_at_start: dict[str, tuple[str, str]]
-    allocations: list[api_pb2.ContainerAllocateResponse]
-    devinfo_after_allocate: dict[str, tuple[str, str]]
-    exit_code: int
-    devinfo_after_exit: dict[str, tuple[str, str]]
-    sockets_after_exit: list[str]
-    log: str
-
-
-@dataclass
-class Parity:
-    peer: Observed
-    ours: Observed
-    vfs: list[str]
-
-    @property
-    def requests(self) -> list[list[str]]:
-        return allocation_requests(self.vfs)
-
-
-def allocation_requests(vfs: list[str]) -> list[list[str]]:
-    return [[vfs[0]], [vfs[3], vfs[1]]]
-
-
-async def observe(node: PeerNode, kubelet: RecordingKubelet, proc: PluginProcess) -> Observed:
-    node.clear_devinfo()
-    before_reg, before_req = len(kubelet.registrations), len(kubelet.requests)
-    async with running(proc):
-        await wait_listed(kubelet, proc, before_reg)
-        ep = kubelet.endpoints[RESOURCE]
-        devices = [(d.id, d.health, d.numa) for d in ep.devices.values()]
-        at_start = node.devinfo()
-        allocations = [await kubelet.allocate(RESOURCE, ids) for ids in allocation_requests(node.vfs())]
-        after_allocate = node.devinfo()
-        # The peer notices SIGTERM only between two 5 s polls of its socket: allow for that.
-        code = await proc.terminate(timeout=30)
-        await kubelet.await_disconnects()
-    return Observed(kubelet.requests[before_req:], ep.options, devices, at_start, allocations,
-                    after_allocate, code, node.devinfo(), node.sockets(), proc.log())
 
 
 @pytest.fixture(scope="module")

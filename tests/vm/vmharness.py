@@ -29,9 +29,10 @@ GUEST_DIR = "/tmp/vm"  # where the results share is mounted inside the guest's c
 # Modules the guest loads before the job (the kernel cannot autoload them: its modprobe helper runs in
 # the initramfs): the NVMe PF driver (SR-IOV), the NIC that Soft-RoCE sits on, macvlan (netdevs for
 # Soft-RoCE "VFs"), netdevsim (built out of tree), Soft-RoCE, the verbs/CM character devices, pci-stub
-# (a VF driver to bind), and crc32_generic: without it "rdma link add ... type rxe" fails with ENOENT.
+# (a VF driver to bind), vfio-pci (the vfio-pci device kind), and crc32_generic: without it
+# "rdma link add ... type rxe" fails with ENOENT.
 GUEST_MODULES = ("nvme", "virtio_net", "macvlan", "netdevsim", "rdma_rxe", "ib_uverbs", "rdma_ucm",
-                 "pci-stub", "crc32_generic")
+                 "pci-stub", "vfio-pci", "crc32_generic")
 
 NVME_TOTAL_VFS = 8
 
@@ -104,13 +105,16 @@ def prepare_assets(cache: Path = CACHE, timeout: float = 1200) -> Assets:
 
 def qemu_command(qemu: str, assets: Assets, results: Path, *,
                  memory_mb: int = 2048, cpus: int = 2) -> list[str]:
-    """TCG only: nested KVM hangs on the CI machines. q35 gives PCIe, which SR-IOV needs."""
+    """TCG only: nested KVM hangs on the CI machines. q35 gives PCIe, which SR-IOV needs, and takes the
+    emulated VT-d (intel-iommu, created before the devices it translates for; intel_iommu=on in the
+    guest), so VFs bound to vfio-pci sit in real IOMMU groups."""
     return [
         qemu, "-accel", "tcg", "-cpu", "max", "-machine", "q35", "-smp", str(cpus), "-m", str(memory_mb),
         "-nodefaults", "-vga", "none", "-display", "none", "-no-reboot",
+        "-device", "intel-iommu",
         "-serial", f"file:{results / 'console.log'}",
         "-kernel", str(assets.kernel), "-initrd", str(assets.initrd),
-        "-append", "console=ttyS0 quiet panic=-1",
+        "-append", "console=ttyS0 quiet panic=-1 intel_iommu=on",
         "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
         "-virtfs", f"local,path={results},mount_tag=results,security_model=none",
         # The NIC Soft-RoCE runs on; user networking with no way out.

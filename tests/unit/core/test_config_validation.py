@@ -19,6 +19,7 @@ def _pf(fields: str) -> str:
 
 
 P = "resources[0].pfs[0]"
+VFIO = "    deviceType: vfio-pci\n"
 R = "resources[0].resourceName"
 HR = "health.recoverySeconds"
 
@@ -69,6 +70,14 @@ BAD = [
     ("ncclHints not a bool", _cfg(extra="    ncclHints: maybe\n"), "resources[0].ncclHints", "maybe"),
     ("ncclHints without rdma", _cfg(extra="    rdma: false\n    ncclHints: true\n"),
      "resources[0].ncclHints", True),
+    ("deviceType unknown", _cfg(extra="    deviceType: dpdk\n"), "resources[0].deviceType", "dpdk"),
+    ("deviceType vfio-pci with rdma", _cfg(extra=f"{VFIO}    rdma: true\n"), "resources[0].rdma", True),
+    ("deviceType vfio-pci with ncclHints", _cfg(extra=f"{VFIO}    ncclHints: true\n"),
+     "resources[0].ncclHints", True),
+    ("deviceType vfio-pci with another vfDriver",
+     _cfg("{pfName: a, numVfs: 4, vfDriver: mlx5_core}", extra=VFIO), f"{P}.vfDriver", "mlx5_core"),
+    ("deviceType vfio-pci with vfMtu",
+     _cfg("{pfName: a, numVfs: 4, vfMtu: 9000}", extra=VFIO), f"{P}.vfMtu", 9000),
     ("pf entry not a mapping", "resources:\n  - resourceName: a.com/b\n    pfs: [enp1]\n", P, "enp1"),
     ("duplicate resource", "resources:\n"
      "  - {resourceName: a.com/b, pfs: [{pfName: x, numVfs: 1}]}\n"
@@ -127,3 +136,17 @@ def test_env_name_replaces_every_non_alphanumeric() -> None:
 def test_health_recovery_defaults_to_two_seconds_and_accepts_zero() -> None:
     assert parse_config(_cfg()).health.recovery_s == 2.0
     assert parse_config(_cfg() + "health: {recoverySeconds: 0}\n").health.recovery_s == 0.0
+
+
+def test_device_type_vfio_pci_binds_every_vf_to_vfio_pci_without_rdma() -> None:
+    """The lifecycle's existing vfDriver binding does the work: vfio-pci is implied, and naming it is
+    allowed; rdma is off (``rdma: false`` may be said too)."""
+    second = f"  - resourceName: example.com/b\n{VFIO}    rdma: false\n    pfs:\n"
+    cfg = parse_config(_cfg("{pfName: a, numVfs: 4}", extra=VFIO) + second
+                       + "      - {pfName: b, numVfs: 2, vfDriver: vfio-pci}\n")
+    for res in cfg.resources:
+        assert (res.device_type, res.rdma, res.nccl_hints) == ("vfio-pci", False, False)
+        assert res.pfs[0].vf_driver == "vfio-pci"
+    plain = parse_config(_cfg(extra="    deviceType: netdevice\n")).resources[0]
+    assert (plain.device_type, plain.rdma, plain.pfs[0].vf_driver) == ("netdevice", True, None)
+    assert parse_config(_cfg()).resources[0].device_type == "netdevice"

@@ -27,7 +27,7 @@ def _view(agent: Agent, resource: str = "nvidia.com/cx7_qsfp") -> dict[str, tupl
     res, node = agent.scan()
     res_cfg = next(r for r in agent.config.resources if r.resource_name == resource)
     pfs = [node.pfs[m.pci_address] for m in res.for_resource(resource) if m.pci_address in node.pfs]
-    view = build_view(res_cfg, pfs, agent.in_pod())
+    view = build_view(res_cfg, pfs, agent.in_pod(), agent.sysfs.dev_path_exists)
     return {d.id: (d.health, d.reason, d.numa_node) for d in view.devices}
 
 

@@ -20,7 +20,7 @@ RES = parse_config(CX7_CONFIG).resources[0]
 def _state(node: SimNode) -> tuple[ResourceView, NodeState, SysfsHost]:
     host = SysfsHost(node.root)
     pf = host.read_pf("0002:01:00.0")
-    return build_view(RES, [pf]), NodeState({pf.pci_address: pf}), host
+    return build_view(RES, [pf], (), host.dev_path_exists), NodeState({pf.pci_address: pf}), host
 
 
 def _n(node: SimNode, vf: str) -> str:
@@ -82,8 +82,8 @@ def test_non_rdma_resource_gets_env_only(sim_node: SimNode) -> None:
     res = parse_config(CX7_CONFIG.replace("    pfs:", "    rdma: false\n    pfs:")).resources[0]
     host = SysfsHost(sim_node.root)
     pf = host.read_pf("0002:01:00.0")
-    out = allocate(res, ["0002:01:00.2"], build_view(res, [pf]), NodeState({pf.pci_address: pf}),
-                   host.dev_path_exists)
+    view = build_view(res, [pf], (), host.dev_path_exists)
+    out = allocate(res, ["0002:01:00.2"], view, NodeState({pf.pci_address: pf}), host.dev_path_exists)
     assert out.devices == ()
     assert out.envs[res.env_name + "_INFO"] == '{"0002:01:00.2":{"generic":{"deviceID":"0002:01:00.2"}}}'
     assert out.devinfo[devinfo_file_name(RESOURCE, "0002:01:00.2")] == (
