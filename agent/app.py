@@ -112,9 +112,6 @@ class ResourceBackend:
         return preferred_allocation(available, must_include, size, view)
 
 
-# Last-reconcile states that turn the "lifecycle" health service NOT_SERVING.
-RECONCILE_FAILING = frozenset({"error", "hung", "not_found"})
-
 RootTask = Callable[["Agent"], Coroutine[Any, Any, None]]
 
 
@@ -520,8 +517,8 @@ class Agent:
     def _report_lifecycle(self) -> None:
         """SERVING while every PF is found and its last reconcile did not fail. A refusal (say, a
         shrink under a VF a pod holds) is the agent keeping the node safe, so it stays SERVING."""
-        failing = [f"PF {s.pf}: reconcile {s.state}" + (f" ({s.reason})" if s.reason else "")
-                   for s in self.reconcile_status.values() if s.state in RECONCILE_FAILING]
+        failing = [f"PF {s.pf}: reconcile {s.state.value}" + (f" ({s.reason})" if s.reason else "")
+                   for s in self.reconcile_status.values() if s.state.failing]
         problems = [*self._scan_problems, *failing]
         self._report(LIFECYCLE, not problems, problems[0] if problems else "")
 

@@ -43,7 +43,7 @@ from agent.core.reconcile import (
 from agent.errors import AgentError, ConfigError, OperationTimeoutError, SysfsError
 from agent.guard import guarded
 from agent.logs import ctx
-from agent.model import PfReconcileStatus
+from agent.model import PfReconcileStatus, ReconcileState
 
 if TYPE_CHECKING:
     from agent.app import Agent
@@ -304,16 +304,16 @@ class Lifecycle:
         for p in desired.pfs:
             have = observed.pfs.get(p.pci_address)
             note = notes.get(p.pci_address)
-            state, reason, message = "ok", "", ""
+            state, reason, message = ReconcileState.OK, "", ""
             if p.config.externally_managed:
-                state = "external"
+                state = ReconcileState.EXTERNAL
             if note is not None:
                 reason, message = note.reason, note.message
                 if isinstance(note, Refuse):
-                    state = "refused"
+                    state = ReconcileState.REFUSED
             if p.pci_address in failed:
                 reason, message = failed[p.pci_address]
-                state = "hung" if self.executor.hung(p.pci_address) else "error"
+                state = ReconcileState.HUNG if self.executor.hung(p.pci_address) else ReconcileState.ERROR
             status[p.pci_address] = PfReconcileStatus(
                 pf=p.pci_address, resource=p.resource, state=state, desired_vfs=p.config.num_vfs,
                 actual_vfs=have.numvfs if have else None, total_vfs=have.totalvfs if have else None,
@@ -323,9 +323,9 @@ class Lifecycle:
         for r, pf in config.all_pfs():
             if (r.resource_name, pf.selector) not in matched:
                 key = pf.selector.describe()
-                status[key] = PfReconcileStatus(pf=key, resource=r.resource_name, state="not_found",
-                                                desired_vfs=pf.num_vfs, reason="pf_not_found",
-                                                message="no such PF on this node", updated_at=now)
+                status[key] = PfReconcileStatus(
+                    pf=key, resource=r.resource_name, state=ReconcileState.NOT_FOUND, desired_vfs=pf.num_vfs,
+                    reason="pf_not_found", message="no such PF on this node", updated_at=now)
         self.agent.publish_reconcile_status(status)
 
 

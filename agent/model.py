@@ -166,13 +166,31 @@ class ContainerAllocation:
     devinfo: dict[str, str] = field(default_factory=dict)  # file name -> JSON content
 
 
+class ReconcileState(enum.StrEnum):
+    """Outcome of a PF's last reconcile. The values are the status JSON strings and the metric's
+    ``state`` label values: operators' queries and scripts match them, so they never change."""
+
+    OK = "ok"
+    REFUSED = "refused"  # a change the agent will not make (say, a shrink under a VF a pod holds)
+    ERROR = "error"
+    EXTERNAL = "external"  # externally managed: checked, never written
+    NOT_FOUND = "not_found"  # the config names a PF this node lacks
+    HUNG = "hung"  # a kernel write has not returned
+
+    @property
+    def failing(self) -> bool:
+        """Turns the "lifecycle" health service NOT_SERVING. A refusal is the agent keeping the node
+        safe, so it is not failing."""
+        return self in (ReconcileState.ERROR, ReconcileState.HUNG, ReconcileState.NOT_FOUND)
+
+
 @dataclass(frozen=True)
 class PfReconcileStatus:
     """The outcome of the last VF lifecycle reconcile of one configured PF (for status and metrics)."""
 
     pf: str  # PCI address, or the config selector when the PF was not found
     resource: str
-    state: str  # "ok", "refused", "error", "external", "not_found", "hung"
+    state: ReconcileState
     desired_vfs: int | None = None
     actual_vfs: int | None = None
     total_vfs: int | None = None

@@ -142,7 +142,7 @@ def status_document(agent: ObservedAgent, owners: Mapping[tuple[str, str], PodRe
             "mtu": pf.netdev.mtu if pf.netdev else None,
             "vfs": pf.sriov_numvfs, "desired_vfs": row.desired_vfs, "max_vfs": pf.sriov_totalvfs,
             "eswitch_mode": row.eswitch_mode,
-            "reconcile": row.reconcile.state if row.reconcile else "",
+            "reconcile": row.reconcile.state.value if row.reconcile else "",
             "reconcile_reason": row.reconcile.message or row.reconcile.reason if row.reconcile else "",
             "rdma_device": pf.rdma.name if pf.rdma else "",
             "rdma_state": f"{port.state}: {port.state_name}" if port else "",

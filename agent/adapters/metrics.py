@@ -29,6 +29,7 @@ from agent import __version__
 from agent.adapters.sysfs import SysfsHost
 from agent.errors import AgentError, ListenError
 from agent.logs import ctx
+from agent.model import ReconcileState
 from agent.settings import split_address
 from agent.stats import Stats
 from agent.status import ObservedAgent, PodDirectory, PodRef, pf_rows, vf_rows
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 PREFIX = "sriov_rdma"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # what render_text writes
 ESWITCH_MODES = ("legacy", "switchdev")
-RECONCILE_STATES = ("ok", "refused", "error", "external", "not_found", "hung")  # model.PfReconcileStatus
+RECONCILE_STATES = tuple(s.value for s in ReconcileState)
 
 # ports/N/counters (IBA PMA) -> (node_exporter infiniband name, multiplier to base units).
 IB_COUNTERS: dict[str, tuple[str, int]] = {

@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from obs_node import CONFIG, RESOURCE, Node, make_node
 
 from agent.adapters.status_server import StatusUnavailableError, fetch_status
-from agent.model import PfReconcileStatus
+from agent.model import PfReconcileStatus, ReconcileState
 from agent.sim.kubelet import FakeKubelet
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -150,7 +150,7 @@ def test_lifecycle_follows_the_last_reconcile(short_root: Path) -> None:
     pf = "0002:01:00.0"
 
     def outcome(state: str, reason: str) -> dict[str, PfReconcileStatus]:
-        return {pf: PfReconcileStatus(pf=pf, resource=RESOURCE, state=state, reason=reason)}
+        return {pf: PfReconcileStatus(pf=pf, resource=RESOURCE, state=ReconcileState(state), reason=reason)}
 
     async def scenario() -> None:
         await kubelet.start()

@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from agent.adapters.metrics import AgentCollector, AgentMetrics, render_text
 from agent.app import Allocation
 from agent.core.inventory import NodeState
-from agent.model import PfReconcileStatus
+from agent.model import PfReconcileStatus, ReconcileState
 from agent.status import PodRef
 
 VF0 = "0002:01:00.2"
@@ -91,10 +91,11 @@ def test_eswitch_mode_is_a_state_set_when_known(node: Node) -> None:
 
 def test_reconcile_outcome_and_eswitch_mode_from_the_lifecycle(node: Node) -> None:
     node.agent.reconcile_status = {
-        PF: PfReconcileStatus(pf=PF, resource=RESOURCE, state="refused", desired_vfs=2, actual_vfs=4,
-                              eswitch_mode="legacy", reason="vf_in_use", updated_at=1_700_000_000.0),
+        PF: PfReconcileStatus(pf=PF, resource=RESOURCE, state=ReconcileState.REFUSED, desired_vfs=2,
+                              actual_vfs=4, eswitch_mode="legacy", reason="vf_in_use",
+                              updated_at=1_700_000_000.0),
         "pfName=enp9s0f0np0": PfReconcileStatus(pf="pfName=enp9s0f0np0", resource=RESOURCE,
-                                                state="not_found"),
+                                                state=ReconcileState.NOT_FOUND),
     }
     assert sample(node, "sriov_rdma_pf_reconcile_state", pf=PF, resource=RESOURCE, state="refused") == 1
     assert sample(node, "sriov_rdma_pf_reconcile_state", pf=PF, resource=RESOURCE, state="ok") == 0
