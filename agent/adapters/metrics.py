@@ -27,12 +27,12 @@ from prometheus_client.registry import Collector
 
 from agent import __version__
 from agent.adapters.sysfs import SysfsHost
+from agent.core.status import ObservedAgent, PodDirectory, PodRef, pf_rows, vf_rows
 from agent.errors import AgentError, ListenError
 from agent.logs import ctx
 from agent.model import ReconcileState
 from agent.settings import split_address
 from agent.stats import Stats
-from agent.status import ObservedAgent, PodDirectory, PodRef, pf_rows, vf_rows
 
 log = logging.getLogger(__name__)
 

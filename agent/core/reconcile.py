@@ -385,3 +385,14 @@ def stable_mac(node_name: str, pf_pci: str, index: int) -> str:
     digest = bytearray(hashlib.sha256(f"{node_name}/{pf_pci}/{index}".encode()).digest()[:6])
     digest[0] = (digest[0] & 0xFC) | 0x02
     return ":".join(f"{b:02x}" for b in digest)
+
+
+def format_plan(actions: tuple[Action, ...]) -> str:
+    """`serve --dry-run`'s output."""
+    if not actions:
+        return "Plan: nothing to change (the node is in the desired state)."
+    lines = ["Plan (dry run, nothing written):"]
+    lines += [f"  {i}. {a.describe()}" for i, a in enumerate(actions, 1)]
+    if any(isinstance(a, SetNumVfs) for a in actions):
+        lines.append("  VF settings (driver, MAC, trust, ...) are planned once the new VFs exist.")
+    return "\n".join(lines)

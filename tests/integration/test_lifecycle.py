@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from agent.adapters.executor import Timeouts
-from agent.app import Agent, build_agent
+from agent.app import App, build_agent
 from agent.config import parse_config
-from agent.lifecycle import Lifecycle
+from agent.services.lifecycle import Lifecycle
 from agent.settings import Settings
 from agent.sim.kernel import SimKernel, SimNetlink
 from agent.sim.kubelet import FakeKubelet
@@ -55,7 +55,7 @@ class ConfigMapDir:
 
 @contextlib.asynccontextmanager
 async def running(node: SimNode, settings: Settings, kernel: SimKernel, netlink: SimNetlink,
-                  timeouts: Timeouts) -> AsyncIterator[tuple[Agent, Lifecycle, FakeKubelet]]:
+                  timeouts: Timeouts) -> AsyncIterator[tuple[App, Lifecycle, FakeKubelet]]:
     kubelet = FakeKubelet(settings.device_plugin_dir)
     await kubelet.start()
     agent = build_agent(settings, parse_config(Path(settings.config).read_text()), writer=kernel,
@@ -102,10 +102,11 @@ def test_vfs_created_at_startup_then_resized_through_zero_on_configmap_update(si
             cm.publish(config(8))
             await kubelet.wait_for(lambda: len(_healthy(kubelet)) == 8, timeout=10)
             assert [v for p, v in kernel.writes if p.endswith("sriov_numvfs")] == ["4", "0", "8"]
-            await _until(lambda: agent.reconcile_status[PF].actual_vfs == 8)
+            await _until(lambda: agent.reporter.reconcile_status[PF].actual_vfs == 8)
             cm.publish("resources: [oops\n")  # invalid: rejected, the node stays as it is
             await _until(lambda: bool(lc.config_error))
-            assert "not valid YAML" in lc.config_error and agent.config.resources[0].pfs[0].num_vfs == 8
+            assert "not valid YAML" in lc.config_error
+            assert agent.resources.config.resources[0].pfs[0].num_vfs == 8
             assert len(_healthy(kubelet)) == 8
     asyncio.run(body())
 
@@ -119,8 +120,8 @@ def test_refuses_to_shrink_under_an_allocated_vf_and_keeps_serving(sim_root: Pat
             assert held["PCIDEVICE_NVIDIA_COM_CX7_QSFP"] == "0002:01:00.4"
             writes = len(kernel.writes)
             cm.publish(config(2))
-            await _until(lambda: agent.reconcile_status[PF].state == "refused")
-            st = agent.reconcile_status[PF]
+            await _until(lambda: agent.reporter.reconcile_status[PF].state == "refused")
+            st = agent.reporter.reconcile_status[PF]
             assert st.reason == "vf_in_use" and "0002:01:00.4" in st.message
             assert len(kernel.writes) == writes and node.pf(PF).numvfs == 4
             assert agent.stats.get("reconcile_errors", pf=PF, reason="vf_in_use") == 1
@@ -141,15 +142,15 @@ def test_a_hung_write_never_blocks_list_and_watch_or_allocate(sim_root: Path) ->
             await asyncio.to_thread(hang.entered.wait, 5)
             # The kernel is stuck in the "0" write; the agent keeps answering the kubelet.
             node.set_pf_link(PF, False)
-            await agent.rescan("udev")
+            await agent.inventory.rescan("udev")
             await kubelet.wait_for(lambda: not _healthy(kubelet), timeout=5)
             node.set_pf_link(PF, True)
-            await agent.rescan("udev")
+            await agent.inventory.rescan("udev")
             await kubelet.wait_for(lambda: len(_healthy(kubelet)) == 4, timeout=5)
             resp = await kubelet.allocate(RESOURCE, ["0002:01:00.3"])
             assert resp.envs["PCIDEVICE_NVIDIA_COM_CX7_QSFP"] == "0002:01:00.3"
-            await _until(lambda: agent.reconcile_status[PF].state == "hung")
-            assert agent.reconcile_status[PF].reason == "write_hung"
+            await _until(lambda: agent.reporter.reconcile_status[PF].state == "hung")
+            assert agent.reporter.reconcile_status[PF].reason == "write_hung"
             assert agent.stats.get("reconcile_errors", pf=PF, reason="write_hung") == 1
             hang.release.set()
     asyncio.run(body())
@@ -163,10 +164,10 @@ def test_pf_reappearing_after_a_driver_reload_is_rebuilt(sim_root: Path) -> None
             assert len(_healthy(kubelet)) == 4
             node.remove_vfs(PF)  # mlx5_core unloaded: VFs gone, PF without driver
             node.unprobe(PF)
-            await agent.rescan("udev")
+            await agent.inventory.rescan("udev")
             await kubelet.wait_for(lambda: not kubelet.devices(RESOURCE), timeout=5)
             node.bind(PF, "mlx5_core")  # driver back: the PF re-appears with 0 VFs
-            await agent.rescan("udev")
+            await agent.inventory.rescan("udev")
             await kubelet.wait_for(lambda: len(kubelet.devices(RESOURCE)) == 4, timeout=10)
             assert [v for p, v in kernel.writes if p.endswith("sriov_numvfs")] == ["4", "4"]
     asyncio.run(body())

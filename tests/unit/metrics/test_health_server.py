@@ -157,13 +157,13 @@ def test_lifecycle_follows_the_last_reconcile(short_root: Path) -> None:
         async with running(node, kubelet) as stub:
             runner = asyncio.create_task(node.agent.run())
             await wait_status(stub, "", SERVING)
-            node.agent.publish_reconcile_status(outcome("error", "EIO"))
+            node.agent.reporter.publish_reconcile_status(outcome("error", "EIO"))
             await wait_status(stub, "lifecycle", NOT_SERVING)
             assert await check(stub, "") == NOT_SERVING
             doc = await fetch_status(node.agent.settings.status_socket)
             assert doc["health"]["lifecycle"]["reason"] == "PF 0002:01:00.0: reconcile error (EIO)"
             # refusing to shrink under a VF a pod holds is the agent doing its job
-            node.agent.publish_reconcile_status(outcome("refused", "vf_in_use"))
+            node.agent.reporter.publish_reconcile_status(outcome("refused", "vf_in_use"))
             await wait_status(stub, "", SERVING)
             runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
