@@ -14,6 +14,9 @@ IB_PORT_ACTIVE = 4
 IB_PHYS_LINK_UP = 5
 
 
+LINK_STATES = ("auto", "enable", "disable")  # IFLA_VF_LINK_STATE 0, 1, 2 (kernel uapi)
+
+
 def is_pci_address(text: str) -> bool:
     return PCI_ADDRESS_RE.match(text) is not None
 
@@ -72,6 +75,32 @@ class NetdevInfo:
 
 
 @dataclass(frozen=True)
+class VfAttrs:
+    """PF-side attributes of one VF as IFLA_VF_INFO reports them (None: the kernel did not say)."""
+
+    index: int
+    mac: str = ""
+    trust: bool | None = None
+    spoofchk: bool | None = None
+    link_state: str | None = None  # one of LINK_STATES
+    vlan: int = 0
+    qos: int = 0
+    min_tx_rate: int | None = None
+    max_tx_rate: int | None = None
+
+
+@dataclass(frozen=True)
+class PfLink:
+    """What rtnetlink says about a PF netdev: admin state, MTU and its VFs (IFLA_VFINFO_LIST)."""
+
+    ifname: str
+    ifindex: int
+    mtu: int
+    admin_up: bool
+    vfs: tuple[VfAttrs, ...] = ()
+
+
+@dataclass(frozen=True)
 class VfInfo:
     """One virtual function. ``netdev`` is None when sriov-cni moved it into a pod: that is normal."""
 
@@ -85,6 +114,7 @@ class VfInfo:
     rdma: RdmaDevice | None = None
     numa_node: int = -1  # -1: the platform reports no NUMA affinity
     error: str = ""  # why its sysfs files could not be read ("" when they could): it is Unhealthy
+    attrs: VfAttrs | None = None  # PF-side attributes (rtnetlink); None when netlink was not asked
 
 
 @dataclass(frozen=True)
@@ -103,6 +133,7 @@ class PfInfo:
     rdma: RdmaDevice | None = None
     sriov_drivers_autoprobe: bool | None = None
     eswitch_mode: str | None = None  # "legacy" / "switchdev" when devlink tells us
+    admin_up: bool | None = None  # the netdev's IFF_UP (rtnetlink); None when netlink was not asked
 
     @property
     def sriov_capable(self) -> bool:

@@ -23,25 +23,26 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
-from agent.adapters.executor import Executor, error_reason, observe_pf
+from agent.adapters.executor import Executor, error_reason
 from agent.adapters.inotify import IN_CLOSE_WRITE, IN_CREATE, IN_DELETE, IN_MOVED_TO, Inotify
 from agent.config import Config, parse_config, read_config_bytes
 from agent.core.discovery import Resolution
+from agent.core.inventory import NodeState
 from agent.core.reconcile import (
     Action,
     Desired,
     Observed,
     PfDesired,
-    PfObserved,
     Refuse,
     Warn,
     mutates,
     plan,
 )
-from agent.errors import AgentError, ConfigError, OperationTimeoutError, SysfsError
+from agent.errors import AgentError, ConfigError, SysfsError
 from agent.logs import ctx
 from agent.model import PfReconcileStatus, ReconcileState
 from agent.services.guard import guarded
+from agent.services.node import LinkReader
 from agent.settings import Settings
 from agent.stats import Stats
 
@@ -68,10 +69,11 @@ class ConfigSource(Protocol):
 
 
 class NodeObserver(Protocol):
-    """The node's PFs as the config names them, and a re-read that publishes what changed (real:
-    services.node.NodeInventory)."""
+    """One read of the node (resolution + observation), published as the kubelet's views, and a plain
+    re-read (real: services.node.NodeInventory)."""
 
-    def resolve(self) -> Resolution: ...
+    async def observe(self, reason: str, links: LinkReader,
+                      timeout: float) -> tuple[Resolution, NodeState]: ...
 
     async def rescan(self, reason: str = "") -> None: ...
 
@@ -233,14 +235,14 @@ class Lifecycle:
             t, base = config.lifecycle, self._timeouts
             self.executor.timeouts = replace(base, sysfs_write=t.sysfs_write_s or base.sysfs_write,
                                              vf_wait=t.vf_wait_s or base.vf_wait)
-            res = await self.executor.call("resolve", "resolve PFs", self.executor.timeouts.netlink,
-                                           self.node.resolve)
+            res, node = await self.observe()
             desired = self.desired(config, res)
             run = _Run()
             observed = Observed({})
             todo: list[Action] = []
             for _ in range(self.max_rounds):
-                observed = await self.observe(desired)
+                observed = Observed({p.pci_address: node.pfs[p.pci_address] for p in desired.pfs
+                                     if p.pci_address in node.pfs}, await self.ledger.refresh())
                 live = Desired(tuple(p for p in desired.pfs if p.pci_address not in run.failed))
                 actions = plan(live, observed)
                 self._note(actions, run)
@@ -248,7 +250,7 @@ class Lifecycle:
                 if not todo:
                     break
                 await self._apply(todo, run)
-                await self.node.rescan("reconcile")
+                _, node = await self.observe()  # the next round's observation, published at once
             else:
                 for a in todo:
                     run.failed.setdefault(a.pf, ("not_converged", f"still to do: {a.describe()}"))
@@ -305,27 +307,9 @@ class Lifecycle:
                       self.node_name)
             for m in res.matches))
 
-    async def observe(self, desired: Desired) -> Observed:
-        in_use = await self.ledger.refresh()
-        pfs: dict[str, PfObserved] = {}
-        for p in desired.pfs:
-            try:
-                found = await self.executor.call(f"observe {p.pci_address}", "observe PF",
-                                                 self.executor.timeouts.netlink,
-                                                 functools.partial(self.observe_pf, p.pci_address))
-            except OperationTimeoutError as e:
-                log.error("%s", e, extra=ctx("reconcile", p.pci_address))
-                continue
-            if found is not None:
-                pfs[p.pci_address] = found
-        return Observed(pfs, in_use)
-
-    def observe_pf(self, address: str) -> PfObserved | None:
-        try:
-            return observe_pf(self.executor.sysfs, self.executor.netlink, address)
-        except SysfsError as e:
-            log.error("cannot read PF: %s", e, extra=ctx("reconcile", address))
-            return None
+    async def observe(self) -> tuple[Resolution, NodeState]:
+        """One read of the node for a round: sysfs with rtnetlink and devlink, one resolution."""
+        return await self.node.observe("reconcile", self.executor.netlink, self.executor.timeouts.netlink)
 
     def _publish(self, config: Config, res: Resolution, desired: Desired, observed: Observed,
                  run: _Run) -> None:
@@ -347,7 +331,8 @@ class Lifecycle:
                 state = ReconcileState.HUNG if self.executor.hung(p.pci_address) else ReconcileState.ERROR
             status[p.pci_address] = PfReconcileStatus(
                 pf=p.pci_address, resource=p.resource, state=state, desired_vfs=p.config.num_vfs,
-                actual_vfs=have.numvfs if have else None, total_vfs=have.totalvfs if have else None,
+                actual_vfs=have.sriov_numvfs if have else None,
+                total_vfs=have.sriov_totalvfs if have else None,
                 eswitch_mode=have.eswitch_mode if have else None, reason=reason, message=message,
                 actions_applied=applied.get(p.pci_address, 0), updated_at=now)
         matched = {(m.resource.resource_name, m.pf.selector) for m in res.matches}
@@ -361,11 +346,11 @@ class Lifecycle:
 
     async def dry_run(self) -> tuple[Action, ...]:
         """The first round of the plan for this node, computed from a real observation; nothing is written."""
-        res = self.node.resolve()
+        res, node = await self.observe()
         for problem in res.problems:
             log.error("%s", problem, extra=ctx("dry-run"))
         desired = self.desired(self.resources.config, res)
-        return plan(desired, await self.observe(desired))
+        return plan(desired, Observed(node.pfs, await self.ledger.refresh()))
 
 
 def _read_bytes(path: str) -> bytes | None:

@@ -17,10 +17,10 @@ from typing import Protocol
 from agent.config import Config
 from agent.core.discovery import Resolution, pf_problem, resolve_pfs
 from agent.core.hygiene import fenced
-from agent.core.inventory import NodeState, build_view
-from agent.errors import SysfsError, shorten
+from agent.core.inventory import NodeState, build_view, with_netlink
+from agent.errors import NetlinkOpError, OperationTimeoutError, SysfsError, shorten
 from agent.logs import ctx
-from agent.model import PciDevice, PfInfo, ResourceView
+from agent.model import PciDevice, PfInfo, PfLink, ResourceView
 from agent.services.resources import ResourceSet
 from agent.services.views import ViewHub
 from agent.stats import Stats
@@ -40,6 +40,15 @@ class NodeReader(Protocol):
     def netdev_pci_address(self, ifname: str) -> str | None: ...
 
     def read_pf(self, address: str, with_vfs: bool = True) -> PfInfo: ...
+
+
+class LinkReader(Protocol):
+    """rtnetlink and devlink as the reconcile's read of the node needs them (real:
+    adapters.netlink_vf.PyrouteVfNetlink; the executor's VfNetlinkPort)."""
+
+    def read_pf(self, ifname: str) -> PfLink: ...
+
+    def eswitch_mode(self, pci_address: str) -> str | None: ...
 
 
 class LinkHealth(Protocol):
@@ -99,12 +108,15 @@ class NodeInventory:
         owners = {n: self.reader.netdev_pci_address(n) for n in names}
         return resolve_pfs(config, pci, owners)
 
-    def scan(self, keep: Collection[str] = ()) -> tuple[Resolution, NodeState]:
+    def scan(self, keep: Collection[str] = (),
+             links: LinkReader | None = None) -> tuple[Resolution, NodeState]:
         """Read every configured PF and its VFs from sysfs (blocking file reads; fast).
 
         A PF that is missing, unreadable or cannot have VFs is a problem logged once (when it
         first appears) and listed in the resolution; every other PF is still served. PFs in
         ``keep`` (holding a VF a pod still uses) are read even when the config dropped them.
+        With ``links`` (a reconcile's read), rtnetlink and devlink add what the planner needs: admin
+        state, MTU, the VFs' PF-side attributes, the eswitch mode.
         """
         res = self.resolve()
         pfs: dict[str, PfInfo] = {}
@@ -115,7 +127,7 @@ class NodeInventory:
             except SysfsError as e:
                 problems.append(f"{m.resource.resource_name}: PF {m.pci_address}: cannot read: {e}")
                 continue
-            pfs[m.pci_address] = pf
+            pfs[m.pci_address] = pf if links is None else _with_links(pf, links)
             problem = pf_problem(m, pf)
             if problem is not None:
                 problems.append(problem)
@@ -135,6 +147,22 @@ class NodeInventory:
         return names
 
     # ------------------------------------------------------------ publishing
+    async def observe(self, reason: str, links: LinkReader,
+                      timeout: float) -> tuple[Resolution, NodeState]:
+        """A reconcile round's one read of the node (with ``links``), published like any rescan: the
+        planner and the kubelet's views derive from the same observation. Raises when the read fails
+        or takes longer than ``timeout`` (a hung kernel call): the reconcile then retries."""
+        async with self._scan_lock:
+            keep = self._keep()
+            try:
+                async with asyncio.timeout(timeout):
+                    res, node = await asyncio.to_thread(self.scan, keep, links)
+            except TimeoutError:
+                raise OperationTimeoutError("read the node", "node", timeout,
+                                            "a sysfs or netlink read did not return") from None
+            await self._adopt(res, node, reason)
+        return self.resolution, self.node
+
     async def rescan(self, reason: str = "") -> None:
         """Re-read the node and push any change to the kubelet at once.
 
@@ -147,13 +175,8 @@ class NodeInventory:
         event callback that asked for it: the last published views stay in force meanwhile.
         """
         async with self._scan_lock:
-            moved_from = self.resources.moved_from
-            keep = {pf for _, pf in self.resources.pinned.values()}
-            if moved_from is not None:
-                held = self.ledger.held()
-                keep |= {d.pf_pci_address for v in self.hub.views.values() for d in v.devices if d.id in held}
             try:
-                res, node = await asyncio.to_thread(self.scan, keep)
+                res, node = await asyncio.to_thread(self.scan, self._keep())
             except Exception as e:
                 self._scan_failures += 1
                 delay = self.links.retry(self._scan_failures)
@@ -162,24 +185,37 @@ class NodeInventory:
                           extra=ctx("discover", reason=type(e).__name__))
                 return
             self._scan_failures = 0
-            node = NodeState({a: self.links.overlay(pf) for a, pf in node.pfs.items()})
-            before = {a for a, p in self.node.pfs.items() if p.driver}
-            scanned_before = bool(self.resolution.matches or self.resolution.problems)
-            self.resolution, self.node = res, node
-            appeared = frozenset(a for a, p in node.pfs.items() if p.driver) - before
-            if appeared and scanned_before:
-                for listener in self.pf_listeners:
-                    listener(appeared)
-            for node_listener in self.node_listeners:
-                node_listener(node)
-            unread = [f"cannot read PF {m.pci_address}" for m in res.matches if m.pci_address not in node.pfs]
-            self.sink.scanned([*res.problems, *unread])
-            if moved_from is not None:
-                self._pin_moved(res, node, moved_from)
-            await self._publish_views(res, node, reason)
-            if moved_from is not None:
-                self.resources.moved_from = None
-                self._resources_changed()
+            await self._adopt(res, node, reason)
+
+    def _keep(self) -> set[str]:
+        """PFs read even when the config dropped them: they hold a VF a pod still uses."""
+        keep = {pf for _, pf in self.resources.pinned.values()}
+        if self.resources.moved_from is not None:
+            held = self.ledger.held()
+            keep |= {d.pf_pci_address for v in self.hub.views.values() for d in v.devices if d.id in held}
+        return keep
+
+    async def _adopt(self, res: Resolution, node: NodeState, reason: str) -> None:
+        """Make a read the node as last read: tell the listeners, publish the views."""
+        moved_from = self.resources.moved_from
+        node = NodeState({a: self.links.overlay(pf) for a, pf in node.pfs.items()})
+        before = {a for a, p in self.node.pfs.items() if p.driver}
+        scanned_before = bool(self.resolution.matches or self.resolution.problems)
+        self.resolution, self.node = res, node
+        appeared = frozenset(a for a, p in node.pfs.items() if p.driver) - before
+        if appeared and scanned_before:
+            for listener in self.pf_listeners:
+                listener(appeared)
+        for node_listener in self.node_listeners:
+            node_listener(node)
+        unread = [f"cannot read PF {m.pci_address}" for m in res.matches if m.pci_address not in node.pfs]
+        self.sink.scanned([*res.problems, *unread])
+        if moved_from is not None:
+            self._pin_moved(res, node, moved_from)
+        await self._publish_views(res, node, reason)
+        if moved_from is not None:
+            self.resources.moved_from = None
+            self._resources_changed()
 
     async def refresh_links(self, reason: str) -> None:
         """Re-derive health from the node as last read, with netlink's newest link state.
@@ -273,3 +309,16 @@ def _log_transitions(old: ResourceView | None, new: ResourceView, reason: str) -
                         extra=ctx("health", dev_id, resource=new.resource_name, reason=why))
     for dev_id in before.keys() - after.keys():
         log.info("device removed", extra=ctx("device-remove", dev_id, resource=new.resource_name))
+
+
+def _with_links(pf: PfInfo, links: LinkReader) -> PfInfo:
+    """The PF with rtnetlink's and devlink's word; what they cannot say stays unknown (None)."""
+    link = None
+    if pf.netdev is not None:
+        with contextlib.suppress(NetlinkOpError):
+            link = links.read_pf(pf.netdev.name)
+    try:
+        eswitch = links.eswitch_mode(pf.pci_address)
+    except NetlinkOpError:
+        eswitch = None
+    return with_netlink(pf, link, eswitch)

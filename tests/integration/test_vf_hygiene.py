@@ -18,7 +18,8 @@ import pytest
 from agent.adapters.fencestore import FILE_NAME
 from agent.app import App, build_agent
 from agent.config import parse_config
-from agent.core.reconcile import VfAttrs, VfChange, stable_mac
+from agent.core.reconcile import VfChange, stable_mac
+from agent.model import VfAttrs
 from agent.settings import Settings
 from agent.sim.kernel import SimKernel, SimNetlink
 from agent.sim.kubelet import HEALTHY, UNHEALTHY, FakeKubelet
