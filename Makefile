@@ -25,6 +25,7 @@ proto: setup
 lint: setup
 	$(VENV)/bin/ruff check agent tests bench
 	$(VENV)/bin/mypy agent
+	$(VENV)/bin/lint-imports
 
 # The image for linux/amd64 and linux/arm64 with buildah (docs/install-talos.md): IMAGE=..., PUSH=1,
 # PYTHON_IMAGE=..., CA_BUNDLE=... (scripts/image/build.sh).

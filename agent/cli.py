@@ -15,12 +15,12 @@ from dataclasses import fields
 from agent import __version__
 from agent.adapters.nodelock import NodeLock, lock_name
 from agent.adapters.status_server import fetch_status
-from agent.app import Agent, build_agent, load_config
+from agent.app import HOST_WATCHERS, App, build_agent, load_config
+from agent.core.status import render
 from agent.errors import AgentError
-from agent.guard import guarded
 from agent.logs import ctx, setup_logging
+from agent.services.guard import guarded
 from agent.settings import DEFAULT_STATUS_SOCKET, Settings, env_name
-from agent.status import render
 
 log = logging.getLogger("agent")
 
@@ -121,11 +121,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 async def serve(settings: Settings) -> int:
     config = load_config(settings.config)
-    agent = build_agent(settings, config, metrics=bool(settings.metrics_address))
-    if settings.dry_run:
-        from agent.lifecycle import print_dry_run  # noqa: PLC0415 (see build_agent)
+    agent = build_agent(settings, config, metrics=bool(settings.metrics_address), watchers=HOST_WATCHERS)
+    if settings.dry_run:  # what a reconcile would do now; nothing is written
+        from agent.core.reconcile import format_plan  # noqa: PLC0415 (see build_agent)
 
-        return await print_dry_run(agent)
+        print(format_plan(await agent.lifecycle.dry_run()))
+        return 0
     # One agent per node, decided before any socket is touched (a second one exits 2 here).
     lock = NodeLock(lock_name(settings.device_plugin_dir))
     lock.acquire()
@@ -135,10 +136,10 @@ async def serve(settings: Settings) -> int:
         lock.close()
 
 
-async def _serve(settings: Settings, agent: Agent, lock: NodeLock) -> int:
+async def _serve(settings: Settings, agent: App, lock: NodeLock) -> int:
     lock.serve()
-    agent.extra_tasks.extend(agent.health_watch.host_tasks())  # netlink + uevent health events
-    log.info("starting sriov-rdma-agent %s with %d resource(s)", __version__, len(agent.config.resources),
+    log.info("starting sriov-rdma-agent %s with %d resource(s)", __version__,
+             len(agent.resources.config.resources),
              extra=ctx("startup", settings=settings.__dict__))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -158,12 +159,10 @@ async def _serve(settings: Settings, agent: Agent, lock: NodeLock) -> int:
     return 0
 
 
-def _on_sighup(agent: Agent, reloads: set[asyncio.Task[None]]) -> None:
+def _on_sighup(agent: App, reloads: set[asyncio.Task[None]]) -> None:
     """SIGHUP re-reads the config file and applies it, exactly as a ConfigMap update does (even when
     the file is unchanged: a rescan and a reconcile follow). It never stops the agent."""
     lifecycle = agent.lifecycle
-    if lifecycle is None:
-        return
     log.info("SIGHUP: re-reading the config", extra=ctx("config-reload", agent.settings.config))
 
     async def reload() -> None:

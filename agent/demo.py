@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from agent.app import Agent, build_agent
+from agent.app import App, build_agent
 from agent.config import parse_config
 from agent.core.inventory import devinfo_file_name
 from agent.settings import Settings
@@ -88,7 +88,7 @@ async def _demo(root: Path, once: bool, metrics_address: str, health_address: st
     return 0
 
 
-def print_endpoints(agent: Agent) -> None:
+def print_endpoints(agent: App) -> None:
     if agent.metrics_server is not None:
         m = agent.metrics_server
         print(f"\nMetrics: curl http://{m.host}:{m.port}/metrics")
@@ -107,12 +107,12 @@ def print_node(node: SimNode, root: Path) -> None:
               f"{pf.numvfs}/{pf.totalvfs}")
 
 
-def print_kubelet_view(kubelet: FakeKubelet, agent: Agent) -> None:
+def print_kubelet_view(kubelet: FakeKubelet, agent: App) -> None:
     ep = kubelet.endpoints[RESOURCE]
     print(f"\nWhat the kubelet sees for {RESOURCE} (registered via {ep.socket}):")
     print(f"  {'device ID':<15}{'health':<11}{'NUMA':<6}{'VF netdev':<17}{'RDMA':<9}{'uverbs':<9}")
     for dev_id, d in sorted(ep.devices.items()):
-        found = agent.node.vf(dev_id)
+        found = agent.inventory.node.vf(dev_id)
         vf = found[1] if found else None
         netdev = vf.netdev.name if vf and vf.netdev else "-"
         rdma = vf.rdma.name if vf and vf.rdma else "-"
@@ -122,7 +122,7 @@ def print_kubelet_view(kubelet: FakeKubelet, agent: Agent) -> None:
     print(f"  allocatable: {len(kubelet.healthy(RESOURCE))} of {len(ep.devices)}")
 
 
-async def print_allocation(kubelet: FakeKubelet, agent: Agent) -> None:
+async def print_allocation(kubelet: FakeKubelet, agent: App) -> None:
     healthy = kubelet.healthy(RESOURCE)
     pick = await kubelet.preferred(RESOURCE, healthy, [], 1)
     resp = await kubelet.allocate(RESOURCE, pick)

@@ -14,6 +14,9 @@ IB_PORT_ACTIVE = 4
 IB_PHYS_LINK_UP = 5
 
 
+LINK_STATES = ("auto", "enable", "disable")  # IFLA_VF_LINK_STATE 0, 1, 2 (kernel uapi)
+
+
 def is_pci_address(text: str) -> bool:
     return PCI_ADDRESS_RE.match(text) is not None
 
@@ -80,6 +83,32 @@ class IommuGroup:
 
 
 @dataclass(frozen=True)
+class VfAttrs:
+    """PF-side attributes of one VF as IFLA_VF_INFO reports them (None: the kernel did not say)."""
+
+    index: int
+    mac: str = ""
+    trust: bool | None = None
+    spoofchk: bool | None = None
+    link_state: str | None = None  # one of LINK_STATES
+    vlan: int = 0
+    qos: int = 0
+    min_tx_rate: int | None = None
+    max_tx_rate: int | None = None
+
+
+@dataclass(frozen=True)
+class PfLink:
+    """What rtnetlink says about a PF netdev: admin state, MTU and its VFs (IFLA_VFINFO_LIST)."""
+
+    ifname: str
+    ifindex: int
+    mtu: int
+    admin_up: bool
+    vfs: tuple[VfAttrs, ...] = ()
+
+
+@dataclass(frozen=True)
 class VfInfo:
     """One virtual function. ``netdev`` is None when sriov-cni moved it into a pod: that is normal."""
 
@@ -94,6 +123,7 @@ class VfInfo:
     numa_node: int = -1  # -1: the platform reports no NUMA affinity
     error: str = ""  # why its sysfs files could not be read ("" when they could): it is Unhealthy
     iommu_group: IommuGroup | None = None  # None: no IOMMU (nor vfio's no-IOMMU mode) covers it
+    attrs: VfAttrs | None = None  # PF-side attributes (rtnetlink); None when netlink was not asked
 
 
 @dataclass(frozen=True)
@@ -112,6 +142,7 @@ class PfInfo:
     rdma: RdmaDevice | None = None
     sriov_drivers_autoprobe: bool | None = None
     eswitch_mode: str | None = None  # "legacy" / "switchdev" when devlink tells us
+    admin_up: bool | None = None  # the netdev's IFF_UP (rtnetlink); None when netlink was not asked
 
     @property
     def sriov_capable(self) -> bool:
@@ -175,13 +206,31 @@ class ContainerAllocation:
     devinfo: dict[str, str] = field(default_factory=dict)  # file name -> JSON content
 
 
+class ReconcileState(enum.StrEnum):
+    """Outcome of a PF's last reconcile. The values are the status JSON strings and the metric's
+    ``state`` label values: operators' queries and scripts match them, so they never change."""
+
+    OK = "ok"
+    REFUSED = "refused"  # a change the agent will not make (say, a shrink under a VF a pod holds)
+    ERROR = "error"
+    EXTERNAL = "external"  # externally managed: checked, never written
+    NOT_FOUND = "not_found"  # the config names a PF this node lacks
+    HUNG = "hung"  # a kernel write has not returned
+
+    @property
+    def failing(self) -> bool:
+        """Turns the "lifecycle" health service NOT_SERVING. A refusal is the agent keeping the node
+        safe, so it is not failing."""
+        return self in (ReconcileState.ERROR, ReconcileState.HUNG, ReconcileState.NOT_FOUND)
+
+
 @dataclass(frozen=True)
 class PfReconcileStatus:
     """The outcome of the last VF lifecycle reconcile of one configured PF (for status and metrics)."""
 
     pf: str  # PCI address, or the config selector when the PF was not found
     resource: str
-    state: str  # "ok", "refused", "error", "external", "not_found", "hung"
+    state: ReconcileState
     desired_vfs: int | None = None
     actual_vfs: int | None = None
     total_vfs: int | None = None

@@ -30,7 +30,7 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
-from agent.app import build_agent
+from agent.app import Watchers, build_agent
 from agent.config import HealthSettings, parse_config
 from agent.settings import Settings
 from agent.sim.kubelet import FakeKubelet
@@ -102,9 +102,8 @@ async def run(flips: int, vfs: int, settle_s: float) -> dict[str, list[float]]:
 
         kubelet = FakeKubelet(settings.device_plugin_dir)
         await kubelet.start()
-        agent = build_agent(settings, config)
-        agent.config = replace(agent.config, health=HealthSettings(recovery_s=settle_s))
-        agent.extra_tasks.append(agent.health_watch.link_task(netns=ns))
+        agent = build_agent(settings, replace(config, health=HealthSettings(recovery_s=settle_s)),
+                            watchers=Watchers(uevents=False, netns=ns))
         runner = asyncio.create_task(agent.run())
         # The flips come from a third process, so neither listener shares a CPU or GIL with them.
         flipper = await asyncio.create_subprocess_exec(sys.executable, "-c", FLIPPER, ns, pf_name,

@@ -112,7 +112,7 @@ async def over_http(root: Path, scrapes: int) -> None:
 async def in_process(root: Path, rounds: int) -> None:
     (root / "config.yaml").write_text(CONFIG)
     agent = build_agent(demo_settings(root), parse_config(CONFIG))
-    await agent.rescan("bench")
+    await agent.inventory.rescan("bench")
     assert agent.metrics is not None
     await agent.metrics.render()
     times = []

@@ -1,6 +1,6 @@
 """Device-plugin timings over real unix sockets against the kubelet stand-in.
 
-1. start -> registered: from ``Agent.run()`` being called (in-process) and from process spawn
+1. start -> registered: from ``App.run()`` being called (in-process) and from process spawn
    (``python -m agent serve``) to the kubelet stand-in accepting the registration;
 2. Allocate latency: one-container Allocate RPCs (each writes a device-info file), p50/p99;
 3. kubelet restart -> re-registered: the stand-in deletes every socket and serves a new
@@ -136,7 +136,7 @@ def main() -> int:
             shutil.rmtree(root, ignore_errors=True)
 
     print(f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}, load {os.getloadavg()[0]:.2f}")
-    print(_fmt("Agent.run() -> registered", results["register"]))
+    print(_fmt("App.run() -> registered", results["register"]))
     print(_fmt("process spawn -> registered", results["process"]))
     print(_fmt("Allocate (1 VF, real socket)", results["allocate"]))
     print(_fmt("kubelet restart -> re-registered", results["restart"]))

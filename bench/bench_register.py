@@ -8,7 +8,7 @@ every run also counts the Registers each kubelet instance got (the target is exa
 Orderings: the agent started while the kubelet is down (with one resource, and with two registering
 at once); a kubelet restart; the kubelet stopped and
 started later; a restart whose bind() -> listen() window is ``--listen-delay`` long. "kubelet up
-first" is measured from Agent.run() instead (there is no kubelet.sock event to measure from).
+first" is measured from App.run() instead (there is no kubelet.sock event to measure from).
 
 Run: .venv/bin/python bench/bench_register.py [--runs 30] [--listen-delay 0.2]
 """
@@ -30,7 +30,7 @@ from pathlib import Path
 
 from bench_plugin import _settings, pct
 
-from agent.app import Agent, build_agent
+from agent.app import App, build_agent
 from agent.config import parse_config
 from agent.sim.kubelet import FakeKubelet
 from agent.sim.node import dgx_spark
@@ -45,7 +45,7 @@ AGENT_FIRST_DELAYS = (0.05, 0.25, 0.5, 0.9, 1.4, 2.0)
 
 
 @contextlib.asynccontextmanager
-async def _agent(root: Path, config: str = CONFIG) -> AsyncIterator[Agent]:
+async def _agent(root: Path, config: str = CONFIG) -> AsyncIterator[App]:
     agent = build_agent(_settings(root), parse_config(config))
     runner = asyncio.create_task(agent.run())
     try:
@@ -152,7 +152,7 @@ def main() -> int:
     args = p.parse_args()
     logging.basicConfig(level=logging.ERROR)  # the agent's retry warnings are expected here
 
-    first, agent_first = Run("kubelet up first (from Agent.run())"), Run("agent up first")
+    first, agent_first = Run("kubelet up first (from App.run())"), Run("agent up first")
     two = Run("agent up first, 2 resources")
     for i in range(args.runs):
         delay = AGENT_FIRST_DELAYS[i % len(AGENT_FIRST_DELAYS)]

@@ -68,13 +68,13 @@ async def run(root: Path, cycles: int, mode: str, linger: float) -> list[float]:
             await kubelet.allocate(RESOURCE, [vf])
             pods.pods = [PodDevice("ml", f"pod-{i}", "main", RESOURCE, (vf,))]
             node.move_netdev_to_pod(node.vf_netdev_name(PF, index))
-            await agent.rescan("RTM_DELLINK")
+            await agent.inventory.rescan("RTM_DELLINK")
             async with asyncio.timeout(10):
                 while not agent.ledger.records[vf].confirmed:
                     await asyncio.sleep(0.005)
             netlink.set_vf(PF_IF, index, VfChange(vlan=42, qos=3, trust=True, max_tx_rate=500, min_tx_rate=0))
             node.move_netdev_home(vf)
-            await agent.rescan("RTM_NEWLINK")
+            await agent.inventory.rescan("RTM_NEWLINK")
             await kubelet.wait_for(lambda v=vf: v not in kubelet.healthy(RESOURCE), timeout=30)  # type: ignore[misc]
             if linger:
                 await asyncio.sleep(linger)

@@ -26,7 +26,7 @@ from pathlib import Path
 from agent.adapters.executor import Timeouts
 from agent.app import build_agent
 from agent.config import parse_config
-from agent.lifecycle import Lifecycle
+from agent.services.lifecycle import Lifecycle
 from agent.settings import Settings
 from agent.sim.kernel import SimKernel, SimNetlink
 from agent.sim.node import SimNode, SimPf
@@ -46,9 +46,9 @@ def rig(root: Path, pfs: int, vfs: int, numvfs: int) -> tuple[Lifecycle, SimKern
     (root / "config.yaml").write_text(text)
     nl = SimNetlink(node)
     kernel = SimKernel(node, netlink=nl)
-    agent = build_agent(settings(root), parse_config(text))
-    agent.sysfs.writer = kernel
-    return Lifecycle(agent, nl, Timeouts(vf_wait=300)), kernel
+    agent = build_agent(settings(root), parse_config(text), writer=kernel, netlink=nl,
+                        timeouts=Timeouts(vf_wait=300))
+    return agent.lifecycle, kernel
 
 
 def pct(values: list[float], q: float) -> float:

@@ -11,6 +11,8 @@ echo "== ruff"
 ruff check agent tests bench
 echo "== mypy --strict"
 mypy agent
+echo "== import layers (lint-imports)"
+lint-imports
 echo "== generated protobuf code is up to date"
 tmp="$(mktemp -d)"; trap 'rm -rf "$tmp"' EXIT
 scripts/gen_protos.sh "$tmp"

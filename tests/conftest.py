@@ -1,5 +1,5 @@
 """Fixtures every tier can use: a simulated DGX Spark node, settings pointing into it, and a way to
-run the real Agent next to the kubelet stand-in on real unix sockets.
+run the real App next to the kubelet stand-in on real unix sockets.
 
 Tests are plain functions that call ``asyncio.run`` on their async body; ``run_agent`` is an async
 context manager factory for that body::
@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from agent.app import Agent, build_agent
+from agent.app import App, build_agent
 from agent.config import Config, parse_config
 from agent.demo import DEMO_CONFIG, demo_settings
 from agent.settings import Settings
@@ -75,14 +75,14 @@ def sim_settings(sim_node: SimNode) -> Settings:
     return node_settings(sim_node.root)
 
 
-RunAgent = Callable[..., contextlib.AbstractAsyncContextManager[tuple[Agent, FakeKubelet]]]
+RunAgent = Callable[..., contextlib.AbstractAsyncContextManager[tuple[App, FakeKubelet]]]
 
 
 @contextlib.asynccontextmanager
 async def _run_agent(settings: Settings, config: Config | str, *, start_kubelet: bool = True,
                      wait_registered: bool = True,
-                     timeout: float = 5.0) -> AsyncIterator[tuple[Agent, FakeKubelet]]:
-    """The real Agent (Agent.run) and a FakeKubelet in the running loop; both stopped on exit.
+                     timeout: float = 5.0) -> AsyncIterator[tuple[App, FakeKubelet]]:
+    """The real App (App.run) and a FakeKubelet in the running loop; both stopped on exit.
 
     With ``start_kubelet=False`` the kubelet stand-in exists but is not serving: start it later
     with ``await kubelet.start()``. ``wait_registered`` waits until the kubelet holds a device list

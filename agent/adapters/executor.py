@@ -23,8 +23,6 @@ from agent.core.kinds.vfio import VFIO_DRIVER
 from agent.core.reconcile import (
     Action,
     BindVfDriver,
-    PfLink,
-    PfObserved,
     Refuse,
     SetDriversAutoprobe,
     SetLinkUp,
@@ -32,12 +30,12 @@ from agent.core.reconcile import (
     SetNumVfs,
     SetVfAttrs,
     VfChange,
-    VfObserved,
     WaitForVfs,
     Warn,
 )
 from agent.errors import AgentError, NetlinkOpError, OperationTimeoutError, SysfsError
 from agent.logs import ctx
+from agent.model import PfLink
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +43,8 @@ T = TypeVar("T")
 
 
 class VfNetlinkPort(Protocol):
-    """rtnetlink/devlink as the executor and the observer need it (real: PyrouteVfNetlink)."""
+    """rtnetlink/devlink as the executor and the reconcile's read of the node need it (real:
+    PyrouteVfNetlink)."""
 
     def read_pf(self, ifname: str) -> PfLink: ...
 
@@ -207,33 +206,6 @@ class Executor:
                     self.sysfs.children(addr, "net") or self.sysfs.children(addr, "infiniband")):
                 return f"VF {index} ({addr}) has no netdev or RDMA device yet"
         return ""
-
-
-def observe_pf(sysfs: SysfsHost, netlink: VfNetlinkPort, address: str) -> PfObserved:
-    """What the planner needs of one PF: sysfs for the PF and its VFs (a few files per VF, not the full
-    discovery read), rtnetlink for admin state, MTU and VF attributes, devlink for the eswitch mode."""
-    info = sysfs.read_pf(address, with_vfs=False)
-    ifname = info.netdev.name if info.netdev else None
-    link = None
-    if ifname is not None:
-        with contextlib.suppress(NetlinkOpError):
-            link = netlink.read_pf(ifname)
-    try:
-        eswitch = netlink.eswitch_mode(address)
-    except NetlinkOpError:
-        eswitch = None
-    attrs = {a.index: a for a in link.vfs} if link else {}
-    vfs = []
-    for index, vf in sysfs.vf_links(address):
-        nets = sysfs.children(vf, "net")
-        netdev = nets[0] if nets else None
-        mtu = sysfs.netdev_mtu(vf, netdev) if netdev else None
-        vfs.append(VfObserved(index, vf, sysfs.driver_of(vf), netdev, mtu, attrs.get(index)))
-    return PfObserved(
-        pci_address=address, ifname=ifname, driver=info.driver, totalvfs=info.sriov_totalvfs,
-        numvfs=info.sriov_numvfs, drivers_autoprobe=info.sriov_drivers_autoprobe,
-        mtu=link.mtu if link else (info.netdev.mtu if info.netdev else None),
-        admin_up=link.admin_up if link else None, eswitch_mode=eswitch, vfs=tuple(vfs))
 
 
 def _late(pf: str, what: str, fut: asyncio.Future[object]) -> None:

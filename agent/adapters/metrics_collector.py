@@ -25,16 +25,17 @@ from prometheus_client.registry import Collector
 from agent import __version__
 from agent.adapters.metrics_exposition import render_text
 from agent.adapters.sysfs import SysfsHost
+from agent.core.status import ObservedAgent, PodDirectory, PodRef, pf_rows, vf_rows
 from agent.errors import AgentError
 from agent.logs import ctx
+from agent.model import ReconcileState
 from agent.stats import COUNTERS, Stats
-from agent.status import ObservedAgent, PodDirectory, PodRef, pf_rows, vf_rows
 
 log = logging.getLogger(__name__)
 
 PREFIX = "sriov_rdma"
 ESWITCH_MODES = ("legacy", "switchdev")
-RECONCILE_STATES = ("ok", "refused", "error", "external", "not_found", "hung")  # model.PfReconcileStatus
+RECONCILE_STATES = tuple(s.value for s in ReconcileState)
 
 # ports/N/counters (IBA PMA) -> (node_exporter infiniband name, multiplier to base units).
 IB_COUNTERS: dict[str, tuple[str, int]] = {

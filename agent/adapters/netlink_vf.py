@@ -4,9 +4,6 @@ Blocking calls: the executor runs them in worker threads. A link dump carries VF
 (IFLA_NUM_VF, IFLA_VFINFO_LIST) only when the request sets IFLA_EXT_MASK = RTEXT_FILTER_VF, so
 every read passes ``ext_mask=1``. Kernel errors become NetlinkOpError with the errno.
 
-``apply_vf_settings`` / ``read_vf_settings`` are the entry points for a real kernel (the VM tier
-drives them against netdevsim VFs).
-
 pyroute2 is imported on first use, not with this module: its package import loads all of it
 (~11 MiB resident, ~0.1 s), which an agent that never asks the kernel here should not pay.
 """
@@ -16,9 +13,9 @@ from __future__ import annotations
 import errno
 from typing import Any
 
-from agent.config import VfSettings
-from agent.core.reconcile import LINK_STATES, PfLink, VfAttrs, VfChange
+from agent.core.reconcile import VfChange
 from agent.errors import NetlinkOpError
+from agent.model import LINK_STATES, PfLink, VfAttrs
 
 RTEXT_FILTER_VF = 1
 NLM_F_REQUEST = 1
@@ -44,17 +41,6 @@ def vf_request(index: int, change: VfChange) -> dict[str, Any]:
     if change.min_tx_rate is not None or change.max_tx_rate is not None:
         spec["rate"] = {"min_tx_rate": change.min_tx_rate or 0, "max_tx_rate": change.max_tx_rate or 0}
     return spec
-
-
-def settings_change(settings: VfSettings, mac: str | None = None) -> VfChange:
-    """Every attribute the settings name (no comparison with the kernel): what a fresh VF gets."""
-    rate = settings.min_tx_rate is not None or settings.max_tx_rate is not None
-    return VfChange(
-        mac=mac, trust=settings.trust, spoofchk=settings.spoofchk, link_state=settings.link_state,
-        vlan=settings.vlan, qos=(settings.qos or 0) if settings.vlan is not None else None,
-        min_tx_rate=(settings.min_tx_rate or 0) if rate else None,
-        max_tx_rate=(settings.max_tx_rate or 0) if rate else None,
-    )
 
 
 def parse_link(msg: Any) -> PfLink:
@@ -167,15 +153,3 @@ class PyrouteVfNetlink:
             if mode is not None:
                 return ESWITCH_MODES.get(int(mode), str(mode))
         return None
-
-
-def apply_vf_settings(pf_ifname: str, vf: int, settings: VfSettings, mac: str | None = None) -> None:
-    """Set every attribute ``settings`` names on VF ``vf`` of the PF ``pf_ifname``."""
-    change = settings_change(settings, mac)
-    if change:
-        PyrouteVfNetlink().set_vf(pf_ifname, vf, change)
-
-
-def read_vf_settings(pf_ifname: str) -> tuple[VfAttrs, ...]:
-    """The PF-side attributes of every VF of ``pf_ifname``, as the kernel reports them."""
-    return PyrouteVfNetlink().read_pf(pf_ifname).vfs

@@ -15,8 +15,8 @@ from collections.abc import Callable
 import grpc
 
 from agent._pb.podresources.v1 import api_pb2, api_pb2_grpc
+from agent.core.status import PodDirectory, PodRef
 from agent.errors import AgentError
-from agent.status import PodDirectory, PodRef
 
 
 class PodResourcesUnavailableError(AgentError):

@@ -76,11 +76,27 @@ def resolve_pfs(config: Config, pci: Sequence[PciDevice],
     return Resolution(tuple(matches), tuple(problems))
 
 
-def pf_problem(match: PfMatch, pf: PfInfo) -> str | None:
-    """Why a matched PF cannot give VFs at all (no SR-IOV capability, no driver), or None."""
-    where = f"{match.resource.resource_name}: PF {match.pf.selector.describe()} ({pf.pci_address})"
+# Why a PF cannot have VFs at all; also the reconcile refusal's reason (a metric label).
+NO_SRIOV = "no_sriov"
+NO_PF_DRIVER = "no_pf_driver"
+
+
+def sriov_blocker(pf: PfInfo) -> str | None:
+    """The one judge of "this PF cannot give VFs": NO_SRIOV (no SR-IOV capability), NO_PF_DRIVER
+    (no driver bound), or None. Discovery reports it, the planner refuses by it."""
     if not pf.sriov_capable:
-        return f"{where}: the device has no SR-IOV capability (no sriov_totalvfs)"
+        return NO_SRIOV
     if pf.driver is None:
+        return NO_PF_DRIVER
+    return None
+
+
+def pf_problem(match: PfMatch, pf: PfInfo) -> str | None:
+    """Why a matched PF cannot give VFs at all, in a sentence for the log and health, or None."""
+    where = f"{match.resource.resource_name}: PF {match.pf.selector.describe()} ({pf.pci_address})"
+    blocker = sriov_blocker(pf)
+    if blocker == NO_SRIOV:
+        return f"{where}: the device has no SR-IOV capability (no sriov_totalvfs)"
+    if blocker == NO_PF_DRIVER:
         return f"{where}: no driver is bound, so no VFs can be created"
     return None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from agent.config import ResourceConfig
 from agent.core.kinds import DevExists, kind_of
@@ -16,6 +16,7 @@ from agent.model import (
     DeviceStatus,
     Health,
     PfInfo,
+    PfLink,
     ResourceView,
     VfInfo,
 )
@@ -42,6 +43,18 @@ class NodeState:
                 if vf.pci_address == address:
                     return pf, vf
         return None
+
+
+def with_netlink(pf: PfInfo, link: PfLink | None, eswitch_mode: str | None) -> PfInfo:
+    """The PF as sysfs showed it, with what rtnetlink and devlink add for the reconcile: admin state, the
+    kernel's MTU, each VF's PF-side attributes (None when netlink could not say), the eswitch mode."""
+    attrs = {a.index: a for a in link.vfs} if link is not None else {}
+    netdev = pf.netdev
+    if link is not None and netdev is not None:
+        netdev = replace(netdev, mtu=link.mtu)
+    vfs = tuple(replace(vf, attrs=attrs.get(vf.index)) for vf in pf.vfs)
+    return replace(pf, netdev=netdev, admin_up=link.admin_up if link is not None else None,
+                   eswitch_mode=eswitch_mode, vfs=vfs)
 
 
 def build_view(resource: ResourceConfig, pfs: Sequence[PfInfo], in_pod: Collection[str],

@@ -22,38 +22,13 @@ from dataclasses import dataclass, fields
 from typing import TypeVar
 
 from agent.config import PfConfig
+from agent.core.discovery import NO_PF_DRIVER, NO_SRIOV, sriov_blocker
+from agent.model import PfInfo, VfAttrs, VfInfo
 
-LINK_STATES = ("auto", "enable", "disable")  # IFLA_VF_LINK_STATE 0, 1, 2 (kernel uapi)
 _T = TypeVar("_T")
 
 
-# ---------------------------------------------------------------- observed / desired
-@dataclass(frozen=True)
-class VfAttrs:
-    """PF-side attributes of one VF as IFLA_VF_INFO reports them (None: the kernel did not say)."""
-
-    index: int
-    mac: str = ""
-    trust: bool | None = None
-    spoofchk: bool | None = None
-    link_state: str | None = None  # one of LINK_STATES
-    vlan: int = 0
-    qos: int = 0
-    min_tx_rate: int | None = None
-    max_tx_rate: int | None = None
-
-
-@dataclass(frozen=True)
-class PfLink:
-    """What rtnetlink says about a PF netdev: admin state, MTU and its VFs (IFLA_VFINFO_LIST)."""
-
-    ifname: str
-    ifindex: int
-    mtu: int
-    admin_up: bool
-    vfs: tuple[VfAttrs, ...] = ()
-
-
+# ---------------------------------------------------------------- desired
 @dataclass(frozen=True)
 class VfChange:
     """What to set on one VF through the PF; None fields are left alone."""
@@ -75,30 +50,6 @@ class VfChange:
 
 
 @dataclass(frozen=True)
-class VfObserved:
-    index: int
-    pci_address: str
-    driver: str | None
-    netdev: str | None  # None when unbound or moved into a pod's netns
-    netdev_mtu: int | None = None
-    attrs: VfAttrs | None = None  # None when netlink could not be read
-
-
-@dataclass(frozen=True)
-class PfObserved:
-    pci_address: str
-    ifname: str | None
-    driver: str | None
-    totalvfs: int | None  # None: no SR-IOV capability
-    numvfs: int
-    drivers_autoprobe: bool | None = None
-    mtu: int | None = None
-    admin_up: bool | None = None
-    eswitch_mode: str | None = None
-    vfs: tuple[VfObserved, ...] = ()
-
-
-@dataclass(frozen=True)
 class PfDesired:
     pci_address: str
     resource: str
@@ -114,7 +65,10 @@ class Desired:
 
 @dataclass(frozen=True)
 class Observed:
-    pfs: Mapping[str, PfObserved]
+    """One read of the node (agent.services.node: sysfs, with rtnetlink's admin state, MTU and VF
+    attributes and devlink's eswitch mode), the same one the kubelet's views are built from."""
+
+    pfs: Mapping[str, PfInfo]
     in_use: frozenset[str] = frozenset()  # VF PCI addresses held by pods
     # Why pod holders are unknown ("" when known): PodResources is deployed but does not answer, so
     # any VF may be in a running pod and none is destroyed or reconfigured until it answers.
@@ -252,7 +206,7 @@ def plan(desired: Desired, observed: Observed) -> tuple[Action, ...]:
     return tuple(out)
 
 
-def _plan_pf(want: PfDesired, have: PfObserved, in_use: frozenset[str], unknown: str = "") -> list[Action]:
+def _plan_pf(want: PfDesired, have: PfInfo, in_use: frozenset[str], unknown: str = "") -> list[Action]:
     cfg = want.config
     pf = want.pci_address
     out: list[Action] = []
@@ -263,40 +217,42 @@ def _plan_pf(want: PfDesired, have: PfObserved, in_use: frozenset[str], unknown:
     if cfg.externally_managed:
         return out + _check_external(want, have)
     target = cfg.num_vfs or 0
-    if have.totalvfs is None:
-        return [*out, Refuse(pf, "no_sriov",
+    numvfs, total, blocker = have.sriov_numvfs, have.sriov_totalvfs, sriov_blocker(have)
+    if blocker == NO_SRIOV or total is None:  # one condition (the second spells it out for mypy)
+        return [*out, Refuse(pf, NO_SRIOV,
                              "the device has no SR-IOV capability (no sriov_totalvfs); enable SR-IOV in "
                              f"firmware (mstconfig -d {pf} set SRIOV_EN=1 NUM_OF_VFS={target}) and BIOS, "
                              "then reboot")]
     busy = sorted(v.pci_address for v in have.vfs if v.pci_address in in_use)
-    if target != have.numvfs:
-        if target > have.totalvfs:
-            return [*out, Refuse(pf, "over_totalvfs", over_total_message(pf, target, have.totalvfs))]
-        if have.driver is None:
-            return [*out, Refuse(pf, "no_pf_driver",
+    if target != numvfs:
+        if target > total:
+            return [*out, Refuse(pf, "over_totalvfs", over_total_message(pf, target, total))]
+        if blocker == NO_PF_DRIVER:
+            return [*out, Refuse(pf, NO_PF_DRIVER,
                                  "no driver is bound to the PF, so the kernel cannot create VFs (ENOENT); "
                                  "load mlx5_core and bind it to the PF")]
         if busy:
             return [*out, Refuse(pf, "vf_in_use",
-                                 f"changing numVfs {have.numvfs} -> {target} would destroy VFs held by "
-                                 f"running pods: {', '.join(busy)}; kept {have.numvfs} VFs")]
-        if unknown and have.numvfs:
+                                 f"changing numVfs {numvfs} -> {target} would destroy VFs held by "
+                                 f"running pods: {', '.join(busy)}; kept {numvfs} VFs")]
+        if unknown and numvfs:
             return [*out, Refuse(pf, "holders_unknown",
-                                 f"changing numVfs {have.numvfs} -> {target} destroys every VF of the PF, "
+                                 f"changing numVfs {numvfs} -> {target} destroys every VF of the PF, "
                                  f"and which of them running pods hold is unknown ({unknown}); kept "
-                                 f"{have.numvfs} VFs until PodResources answers")]
+                                 f"{numvfs} VFs until PodResources answers")]
     out.extend(_plan_pf_netdev(want, have))
-    if target != have.numvfs:
-        if cfg.drivers_autoprobe is not None and cfg.drivers_autoprobe != have.drivers_autoprobe:
+    autoprobe_now = have.sriov_drivers_autoprobe
+    if target != numvfs:
+        if cfg.drivers_autoprobe is not None and cfg.drivers_autoprobe != autoprobe_now:
             out.append(SetDriversAutoprobe(pf, cfg.drivers_autoprobe))
-        if have.numvfs:
+        if numvfs:
             out.append(SetNumVfs(pf, 0))
         if target:
-            autoprobe = cfg.drivers_autoprobe if cfg.drivers_autoprobe is not None else have.drivers_autoprobe
+            autoprobe = cfg.drivers_autoprobe if cfg.drivers_autoprobe is not None else autoprobe_now
             out.append(SetNumVfs(pf, target))
             out.append(WaitForVfs(pf, target, probed=autoprobe is not False))
         return out  # VF-level settings once the VFs exist: the next round
-    if cfg.drivers_autoprobe is not None and cfg.drivers_autoprobe != have.drivers_autoprobe:
+    if cfg.drivers_autoprobe is not None and cfg.drivers_autoprobe != autoprobe_now:
         out.append(SetDriversAutoprobe(pf, cfg.drivers_autoprobe))
     deferred = []
     for vf in have.vfs:
@@ -316,34 +272,35 @@ def _plan_pf(want: PfDesired, have: PfObserved, in_use: frozenset[str], unknown:
     return out
 
 
-def _plan_pf_netdev(want: PfDesired, have: PfObserved) -> list[Action]:
+def _plan_pf_netdev(want: PfDesired, have: PfInfo) -> list[Action]:
     out: list[Action] = []
-    if have.ifname is None:
+    if have.netdev is None:
         return out
-    if want.config.mtu is not None and want.config.mtu != have.mtu:
-        out.append(SetMtu(want.pci_address, have.ifname, want.config.mtu))
+    ifname = have.netdev.name
+    if want.config.mtu is not None and want.config.mtu != have.netdev.mtu:
+        out.append(SetMtu(want.pci_address, ifname, want.config.mtu))
     if have.admin_up is False and (want.config.num_vfs or 0) > 0:
-        out.append(SetLinkUp(want.pci_address, have.ifname))
+        out.append(SetLinkUp(want.pci_address, ifname))
     return out
 
 
-def _plan_vf(want: PfDesired, have: PfObserved, vf: VfObserved) -> list[Action]:
+def _plan_vf(want: PfDesired, have: PfInfo, vf: VfInfo) -> list[Action]:
     cfg = want.config
     pf = want.pci_address
     out: list[Action] = []
     if cfg.vf_driver is not None and vf.driver != cfg.vf_driver:
         out.append(BindVfDriver(pf, vf.index, vf.pci_address, cfg.vf_driver, vf.driver))
-    if have.ifname is not None:
+    if have.netdev is not None:
         change = vf_change(want, vf)
         if change:
-            out.append(SetVfAttrs(pf, have.ifname, vf.index, change))
-    if cfg.vf.mtu is not None and vf.netdev is not None and vf.netdev_mtu != cfg.vf.mtu \
+            out.append(SetVfAttrs(pf, have.netdev.name, vf.index, change))
+    if cfg.vf.mtu is not None and vf.netdev is not None and vf.netdev.mtu != cfg.vf.mtu \
             and (cfg.vf_driver is None or vf.driver == cfg.vf_driver):
-        out.append(SetMtu(pf, vf.netdev, cfg.vf.mtu, vf=vf.index))
+        out.append(SetMtu(pf, vf.netdev.name, cfg.vf.mtu, vf=vf.index))
     return out
 
 
-def vf_change(want: PfDesired, vf: VfObserved) -> VfChange:
+def vf_change(want: PfDesired, vf: VfInfo) -> VfChange:
     """The PF-side VF attributes that differ from the config (all of them when unknown)."""
     s = want.config.vf
     a = vf.attrs or VfAttrs(vf.index)
@@ -371,18 +328,18 @@ def _differs(want: _T | None, have: _T | None, known: bool) -> _T | None:
     return want if want is not None and (not known or want != have) else None
 
 
-def _check_external(want: PfDesired, have: PfObserved) -> list[Action]:
+def _check_external(want: PfDesired, have: PfInfo) -> list[Action]:
     """Externally managed: never written; say where the node differs from what the config expects."""
     pf = want.pci_address
     cfg = want.config
     out: list[Action] = []
-    if cfg.num_vfs is not None and cfg.num_vfs > have.numvfs:
+    if cfg.num_vfs is not None and cfg.num_vfs > have.sriov_numvfs:
         out.append(Warn(pf, "externally_managed_mismatch",
-                        f"externally managed: numVfs {cfg.num_vfs} expected but the PF has {have.numvfs}; "
-                        "the agent does not write it"))
-    if cfg.mtu is not None and have.mtu is not None and cfg.mtu > have.mtu:
+                        f"externally managed: numVfs {cfg.num_vfs} expected but the PF has "
+                        f"{have.sriov_numvfs}; the agent does not write it"))
+    if cfg.mtu is not None and have.netdev is not None and cfg.mtu > have.netdev.mtu:
         out.append(Warn(pf, "externally_managed_mismatch",
-                        f"externally managed: MTU {cfg.mtu} expected but the PF has {have.mtu}"))
+                        f"externally managed: MTU {cfg.mtu} expected but the PF has {have.netdev.mtu}"))
     return out
 
 
@@ -397,3 +354,14 @@ def stable_mac(node_name: str, pf_pci: str, index: int) -> str:
     digest = bytearray(hashlib.sha256(f"{node_name}/{pf_pci}/{index}".encode()).digest()[:6])
     digest[0] = (digest[0] & 0xFC) | 0x02
     return ":".join(f"{b:02x}" for b in digest)
+
+
+def format_plan(actions: tuple[Action, ...]) -> str:
+    """`serve --dry-run`'s output."""
+    if not actions:
+        return "Plan: nothing to change (the node is in the desired state)."
+    lines = ["Plan (dry run, nothing written):"]
+    lines += [f"  {i}. {a.describe()}" for i, a in enumerate(actions, 1)]
+    if any(isinstance(a, SetNumVfs) for a in actions):
+        lines.append("  VF settings (driver, MAC, trust, ...) are planned once the new VFs exist.")
+    return "\n".join(lines)

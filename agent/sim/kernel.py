@@ -33,9 +33,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.core.reconcile import PfLink, VfAttrs, VfChange
+from agent.core.reconcile import VfChange
 from agent.errors import NetlinkOpError, SysfsError
-from agent.model import is_pci_address
+from agent.model import PfLink, VfAttrs, is_pci_address
 from agent.sim.node import MLX5_DRIVER, MLX_VENDOR, SimNode
 
 _WRITABLE_DEVICE_ATTRS = ("sriov_numvfs", "sriov_drivers_autoprobe", "driver_override", "reset")

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent._pb.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
-from agent.app import Agent, build_agent
+from agent.app import App, build_agent
 from agent.config import parse_config
 from agent.settings import Settings
 from agent.sim.kubelet import FakeKubelet
@@ -32,7 +32,7 @@ ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT}
 
 @dataclass
 class Running:
-    agent: Agent
+    agent: App
     settings: Settings
     stub: api_pb2_grpc.DevicePluginStub
 
@@ -50,7 +50,7 @@ def running() -> Iterator[Running]:
     settings = node_settings(node.root)
     loop = asyncio.new_event_loop()
     ready = threading.Event()
-    holder: dict[str, Agent] = {}
+    holder: dict[str, App] = {}
     stop = asyncio.Event()
 
     async def main() -> None:
@@ -92,7 +92,7 @@ id_lists = st.lists(ids, max_size=6)
 @given(st.lists(id_lists, max_size=4))
 def test_allocate_is_ok_or_invalid_argument_and_a_refusal_changes_nothing(running: Running,
                                                                           requests: list[list[str]]) -> None:
-    files, allocations = running.devinfo(), dict(running.agent.allocations)
+    files, allocations = running.devinfo(), dict(running.agent.ledger.records)
     req = api_pb2.AllocateRequest(
         container_requests=[api_pb2.ContainerAllocateRequest(devices_ids=r) for r in requests])
     try:
@@ -100,7 +100,7 @@ def test_allocate_is_ok_or_invalid_argument_and_a_refusal_changes_nothing(runnin
     except grpc.RpcError as e:
         assert e.code() in ALLOWED, (e.code(), (e.details() or "")[:200])
         assert len(e.details() or "") < 400
-        assert running.devinfo() == files and running.agent.allocations == allocations
+        assert running.devinfo() == files and running.agent.ledger.records == allocations
         return
     assert len(resp.container_responses) == len(requests)
     for r, ids_ in zip(resp.container_responses, requests, strict=True):

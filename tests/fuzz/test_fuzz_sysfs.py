@@ -106,7 +106,7 @@ def test_readers_raise_only_sysfs_errors_and_the_scan_never_raises(template: tup
                 mutate(target)
         exercise(SysfsHost(root), SimNode(root))
         agent = build_agent(node_settings(root), CONFIG)
-        agent.scan()  # problems are reported in the result, never raised
+        agent.inventory.scan()  # problems are reported in the result, never raised
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

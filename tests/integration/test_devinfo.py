@@ -102,11 +102,11 @@ def test_files_follow_the_vfs_served(sim_node: SimNode, sim_settings: Settings, 
         async with run_agent(sim_settings, CX7_CONFIG) as (agent, kubelet):
             assert snapshot(devinfo) == expected(sim_node, VFS)
             sim_node.remove_vfs(PF)
-            await agent.rescan("test: VFs removed")
+            await agent.inventory.rescan("test: VFs removed")
             await kubelet.wait_for(lambda: kubelet.devices(RESOURCE) == {})
             assert snapshot(devinfo) == {}
             sim_node.create_vfs(PF, 2)
-            await agent.rescan("test: 2 VFs created")
+            await agent.inventory.rescan("test: 2 VFs created")
             await kubelet.wait_for(lambda: kubelet.healthy(RESOURCE) == VFS[:2])
             assert snapshot(devinfo) == expected(sim_node, VFS[:2])
     asyncio.run(body())

@@ -72,7 +72,7 @@ def test_serving_without_vf_settings_loads_neither_pyroute2_nor_pyudev(sim_node:
     assert {"grpc", "agent.adapters.netlink", "agent.adapters.udev"} <= imported  # the check sees imports
     # The lifecycle module itself loads (config hot reload runs on every node), VF hygiene only where
     # VFs are written, pyroute2 only when a VF setting or a real node's reconcile needs it.
-    unwanted = ("pyroute2", "agent.sim", "agent.demo", "agent.hygiene", "agent.doctor")
+    unwanted = ("pyroute2", "agent.sim", "agent.demo", "agent.services.hygiene", "agent.doctor")
     assert not {m for m in imported if m.startswith(unwanted)}
     if not os.path.exists("/run/udev/control"):  # with udevd visible, pyudev's monitor is the source
         assert not {m for m in imported if m.startswith("pyudev")}

@@ -13,9 +13,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from agent.adapters.executor import Timeouts
-from agent.app import Agent, build_agent
+from agent.app import App, build_agent
 from agent.config import parse_config
-from agent.lifecycle import Lifecycle
+from agent.model import PfReconcileStatus
+from agent.services.lifecycle import Lifecycle
 from agent.settings import Settings
 from agent.sim.kernel import SimKernel, SimNetlink
 from agent.sim.kubelet import FakeKubelet
@@ -56,7 +57,7 @@ class ConfigMapDir:
 
 @contextlib.asynccontextmanager
 async def running(node: SimNode, settings: Settings, kernel: SimKernel, netlink: SimNetlink,
-                  timeouts: Timeouts) -> AsyncIterator[tuple[Agent, Lifecycle, FakeKubelet]]:
+                  timeouts: Timeouts) -> AsyncIterator[tuple[App, Lifecycle, FakeKubelet]]:
     kubelet = FakeKubelet(settings.device_plugin_dir)
     await kubelet.start()
     agent = build_agent(settings, parse_config(Path(settings.config).read_text()), writer=kernel,
@@ -103,10 +104,11 @@ def test_vfs_created_at_startup_then_resized_through_zero_on_configmap_update(si
             cm.publish(config(8))
             await kubelet.wait_for(lambda: len(_healthy(kubelet)) == 8, timeout=10)
             assert [v for p, v in kernel.writes if p.endswith("sriov_numvfs")] == ["4", "0", "8"]
-            await _until(lambda: agent.reconcile_status[PF].actual_vfs == 8)
+            await _until(lambda: agent.reporter.reconcile_status[PF].actual_vfs == 8)
             cm.publish("resources: [oops\n")  # invalid: rejected, the node stays as it is
             await _until(lambda: bool(lc.config_error))
-            assert "not valid YAML" in lc.config_error and agent.config.resources[0].pfs[0].num_vfs == 8
+            assert "not valid YAML" in lc.config_error
+            assert agent.resources.config.resources[0].pfs[0].num_vfs == 8
             assert len(_healthy(kubelet)) == 8
     asyncio.run(body())
 
@@ -120,8 +122,8 @@ def test_refuses_to_shrink_under_an_allocated_vf_and_keeps_serving(sim_root: Pat
             assert held["PCIDEVICE_NVIDIA_COM_CX7_QSFP"] == "0002:01:00.4"
             writes = len(kernel.writes)
             cm.publish(config(2))
-            await _until(lambda: agent.reconcile_status[PF].state == "refused")
-            st = agent.reconcile_status[PF]
+            await _until(lambda: agent.reporter.reconcile_status[PF].state == "refused")
+            st = agent.reporter.reconcile_status[PF]
             assert st.reason == "vf_in_use" and "0002:01:00.4" in st.message
             assert len(kernel.writes) == writes and node.pf(PF).numvfs == 4
             assert agent.stats.get("reconcile_errors", pf=PF, reason="vf_in_use") == 1
@@ -142,15 +144,15 @@ def test_a_hung_write_never_blocks_list_and_watch_or_allocate(sim_root: Path) ->
             await asyncio.to_thread(hang.entered.wait, 5)
             # The kernel is stuck in the "0" write; the agent keeps answering the kubelet.
             node.set_pf_link(PF, False)
-            await agent.rescan("udev")
+            await agent.inventory.rescan("udev")
             await kubelet.wait_for(lambda: not _healthy(kubelet), timeout=5)
             node.set_pf_link(PF, True)
-            await agent.rescan("udev")
+            await agent.inventory.rescan("udev")
             await kubelet.wait_for(lambda: len(_healthy(kubelet)) == 4, timeout=5)
             resp = await kubelet.allocate(RESOURCE, ["0002:01:00.3"])
             assert resp.envs["PCIDEVICE_NVIDIA_COM_CX7_QSFP"] == "0002:01:00.3"
-            await _until(lambda: agent.reconcile_status[PF].state == "hung")
-            assert agent.reconcile_status[PF].reason == "write_hung"
+            await _until(lambda: agent.reporter.reconcile_status[PF].state == "hung")
+            assert agent.reporter.reconcile_status[PF].reason == "write_hung"
             assert agent.stats.get("reconcile_errors", pf=PF, reason="write_hung") == 1
             hang.release.set()
     asyncio.run(body())
@@ -164,10 +166,10 @@ def test_pf_reappearing_after_a_driver_reload_is_rebuilt(sim_root: Path) -> None
             assert len(_healthy(kubelet)) == 4
             node.remove_vfs(PF)  # mlx5_core unloaded: VFs gone, PF without driver
             node.unprobe(PF)
-            await agent.rescan("udev")
+            await agent.inventory.rescan("udev")
             await kubelet.wait_for(lambda: not kubelet.devices(RESOURCE), timeout=5)
             node.bind(PF, "mlx5_core")  # driver back: the PF re-appears with 0 VFs
-            await agent.rescan("udev")
+            await agent.inventory.rescan("udev")
             await kubelet.wait_for(lambda: len(kubelet.devices(RESOURCE)) == 4, timeout=10)
             assert [v for p, v in kernel.writes if p.endswith("sriov_numvfs")] == ["4", "4"]
     asyncio.run(body())
@@ -214,15 +216,17 @@ def test_a_restarted_agent_destroys_no_vf_while_podresources_does_not_answer(sim
     async def body() -> None:
         async with running(node, settings, kernel, netlink, Timeouts(vf_wait=10)) as (agent, _lc, kubelet):
             try:
-                await _until(lambda: PF in agent.reconcile_status)
-                st = agent.reconcile_status[PF]
+                await _until(lambda: PF in agent.reporter.reconcile_status)
+                st = agent.reporter.reconcile_status[PF]
                 assert (st.state, st.reason) == ("refused", "holders_unknown") and "no socket" in st.message
                 assert node.pf(PF).numvfs == 4 and len(_healthy(kubelet)) == 4
                 assert not [p for p, _ in kernel.writes if p.endswith("sriov_numvfs")]
                 pods.pods = [PodDevice("ml", "nccl-0", "main", RESOURCE, ("0002:01:00.4",))]
                 await pods.start()  # the kubelet is back: a pod holds one VF
-                await _until(lambda: agent.reconcile_status[PF].reason == "vf_in_use", timeout=15)
-                assert node.pf(PF).numvfs == 4 and "0002:01:00.4" in agent.reconcile_status[PF].message
+                def now() -> PfReconcileStatus:
+                    return agent.reporter.reconcile_status[PF]
+                await _until(lambda: now().reason == "vf_in_use", timeout=15)
+                assert node.pf(PF).numvfs == 4 and "0002:01:00.4" in now().message
             finally:
                 await pods.stop()
     asyncio.run(body())
@@ -236,12 +240,12 @@ def test_when_podresources_answers_the_held_back_change_is_applied(sim_root: Pat
     async def body() -> None:
         async with running(node, settings, kernel, netlink, Timeouts(vf_wait=10)) as (agent, _lc, kubelet):
             try:
-                await _until(lambda: agent.reconcile_status.get(PF) is not None
-                             and agent.reconcile_status[PF].reason == "holders_unknown")
+                await _until(lambda: agent.reporter.reconcile_status.get(PF) is not None
+                             and agent.reporter.reconcile_status[PF].reason == "holders_unknown")
                 await pods.start()  # no pod holds a VF
                 await kubelet.wait_for(lambda: len(_healthy(kubelet)) == 2, timeout=15)
                 assert [v for p, v in kernel.writes if p.endswith("sriov_numvfs")] == ["0", "2"]
-                await _until(lambda: agent.reconcile_status[PF].state == "ok")
+                await _until(lambda: agent.reporter.reconcile_status[PF].state == "ok")
             finally:
                 await pods.stop()
     asyncio.run(body())
@@ -268,6 +272,6 @@ def test_device_type_vfio_pci_binds_the_vfs_and_allocates_their_groups(sim_root:
                 f'{{"{vfs[2]}":{{"generic":{{"deviceID":"{vfs[2]}"}},'
                 f'"vfio":{{"dev-mount":"/dev/vfio/{group}","mount":"/dev/vfio/vfio"}}}}}}')
             node.set_pf_link("enP2p1s0f0np0", up=False)  # the PF's link is the uplink of every VF
-            await agent.rescan("cable pulled")  # no netlink here: the node is read again
+            await agent.inventory.rescan("cable pulled")  # no netlink here: the node is read again
             await kubelet.wait_for(lambda: not _healthy(kubelet), timeout=10)
     asyncio.run(body())

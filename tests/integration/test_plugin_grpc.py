@@ -33,7 +33,7 @@ def test_registers_and_lists_vfs_by_pci_address(sim_settings: Settings, run_agen
             assert stat.S_IMODE(os.stat(ep.socket).st_mode) == 0o600
             assert [(d.id, d.health, d.numa) for d in ep.devices.values()] == [
                 (vf, "Healthy", (0,)) for vf in VFS]
-            assert agent.lifecycles[RESOURCE].registered
+            assert agent.plugins.lifecycles[RESOURCE].registered
             assert len(kubelet.registrations) == 1 and not kubelet.rejections
         # Our socket is gone after shutdown; the kubelet saw the stream end and marked all unhealthy.
         assert not os.path.exists(os.path.join(sim_settings.device_plugin_dir, SOCKET_NAME))
@@ -102,7 +102,7 @@ def test_pf_link_down_makes_vfs_unhealthy_after_rescan_and_back(sim_node: SimNod
     async def body() -> None:
         async with run_agent(sim_settings, CX7_CONFIG) as (agent, kubelet):
             sim_node.set_pf_link("enP2p1s0f0np0", up=False)
-            await agent.rescan("test: cable pulled")
+            await agent.inventory.rescan("test: cable pulled")
             await kubelet.wait_for(lambda: kubelet.healthy(RESOURCE) == [])
             assert {d.health for d in kubelet.devices(RESOURCE).values()} == {"Unhealthy"}
             with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -110,7 +110,7 @@ def test_pf_link_down_makes_vfs_unhealthy_after_rescan_and_back(sim_node: SimNod
             assert "0002:01:00.4" in (err.value.details() or "")
             assert "no carrier" in (err.value.details() or "")
             sim_node.set_pf_link("enP2p1s0f0np0", up=True)
-            await agent.rescan("test: cable back")
+            await agent.inventory.rescan("test: cable back")
             await kubelet.wait_for(lambda: kubelet.healthy(RESOURCE) == VFS)
     asyncio.run(body())
 
@@ -123,10 +123,10 @@ def test_recovery_hold_comes_from_the_config(sim_node: SimNode, sim_settings: Se
     async def body() -> None:
         async with run_agent(sim_settings, config) as (agent, kubelet):
             sim_node.set_pf_link("enP2p1s0f0np0", up=False)
-            await agent.rescan("test: cable pulled")
+            await agent.inventory.rescan("test: cable pulled")
             await kubelet.wait_for(lambda: kubelet.healthy(RESOURCE) == [])
             sim_node.set_pf_link("enP2p1s0f0np0", up=True)
-            await agent.rescan("test: cable back")
+            await agent.inventory.rescan("test: cable back")
             # Each case contradicts the 2 s default: 0 recovers well inside it, 30 still holds after it.
             if recovery == 0:
                 await kubelet.wait_for(lambda: kubelet.healthy(RESOURCE) == VFS, timeout=1.0)
@@ -148,11 +148,11 @@ def test_kubelet_restart_deleting_sockets_leads_to_reregistration(sim_settings: 
             await kubelet.wait_for(lambda: bool(kubelet.healthy(RESOURCE)), timeout=5)
             assert kubelet.healthy(RESOURCE) == VFS
             assert os.stat(sock).st_ino != before  # the agent listens again on a fresh socket
-            assert agent.lifecycles[RESOURCE].registrations == 2
+            assert agent.plugins.lifecycles[RESOURCE].registrations == 2
             # And a second restart works just the same.
             await kubelet.restart()
             await kubelet.wait_for(lambda: bool(kubelet.healthy(RESOURCE)), timeout=5)
-            assert agent.lifecycles[RESOURCE].registrations == 3
+            assert agent.plugins.lifecycles[RESOURCE].registrations == 3
     asyncio.run(body())
 
 
@@ -177,7 +177,7 @@ def test_kubelet_wiping_our_socket_while_we_bind_it_is_survived(sim_settings: Se
             await kubelet.wait_for(lambda: kubelet.healthy(RESOURCE) == VFS, timeout=5)
             assert wiped == [sock]
             assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600  # the second socket got its chmod
-            assert agent.lifecycles[RESOURCE].registered
+            assert agent.plugins.lifecycles[RESOURCE].registered
             assert agent._run_task is not None and not agent._run_task.done()
     asyncio.run(body())
 
@@ -192,8 +192,8 @@ def test_a_socket_path_too_long_for_one_resource_does_not_stop_the_other(
             await kubelet.wait_for(lambda: kubelet.healthy(RESOURCE) == VFS, timeout=5)
             await asyncio.sleep(0.5)  # several retries of the long one
             assert long_name not in kubelet.endpoints
-            assert not agent.lifecycles[long_name].registered
-            assert agent.lifecycles[RESOURCE].registered
+            assert not agent.plugins.lifecycles[long_name].registered
+            assert agent.plugins.lifecycles[RESOURCE].registered
     asyncio.run(body())
     refusals = [r.getMessage() for r in caplog.records if r.getMessage().startswith("cannot serve")]
     assert len(refusals) == 1, refusals  # said once, not once per retry
@@ -204,7 +204,7 @@ def test_kubelet_stopping_marks_us_unregistered_until_it_returns(sim_settings: S
                                                                  run_agent: RunAgent) -> None:
     async def body() -> None:
         async with run_agent(sim_settings, CX7_CONFIG) as (agent, kubelet):
-            lifecycle = agent.lifecycles[RESOURCE]
+            lifecycle = agent.plugins.lifecycles[RESOURCE]
             await kubelet.stop()  # kubelet.sock is removed; our socket stays
             async with asyncio.timeout(5):
                 while lifecycle.registered:
@@ -227,10 +227,10 @@ def test_agent_started_before_the_kubelet_registers_when_it_comes_up(sim_root: P
     async def body() -> None:
         async with run_agent(settings, CX7_CONFIG, start_kubelet=False) as (agent, kubelet):
             await asyncio.sleep(0.5)  # several failed attempts: the agent must keep going
-            assert not agent.lifecycles[RESOURCE].registered
+            assert not agent.plugins.lifecycles[RESOURCE].registered
             await kubelet.start()
             await kubelet.wait_for(lambda: kubelet.healthy(RESOURCE) == VFS, timeout=5)
-            assert agent.lifecycles[RESOURCE].registrations == 1
+            assert agent.plugins.lifecycles[RESOURCE].registrations == 1
     asyncio.run(body())
 
 
@@ -242,7 +242,7 @@ def test_missing_pf_in_one_resource_does_not_stop_the_other(sim_settings: Settin
         async with run_agent(sim_settings, config) as (agent, kubelet):
             assert kubelet.healthy(RESOURCE) == VFS
             assert kubelet.devices("example.com/gone") == {}  # registered, with an empty list
-            assert any("ens9f9np0" in p for p in agent.resolution.problems)
+            assert any("ens9f9np0" in p for p in agent.inventory.resolution.problems)
     asyncio.run(body())
 
 

@@ -42,18 +42,18 @@ def test_a_failing_container_request_leaves_no_side_effect(sim_settings: Setting
                 await stub.Allocate(allocate_request([VFS[0]], ["0000:42:00.7"]), timeout=10)
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert "0000:42:00.7" in (err.value.details() or "")
-            assert devinfo_inodes(sim_settings) == before and agent.allocations == {}
+            assert devinfo_inodes(sim_settings) == before and agent.ledger.records == {}
             # The same VF in two container requests of one call: refused, nothing written either.
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await stub.Allocate(allocate_request([VFS[0]], [VFS[0]]), timeout=10)
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-            assert devinfo_inodes(sim_settings) == before and agent.allocations == {}
+            assert devinfo_inodes(sim_settings) == before and agent.ledger.records == {}
             resp = await stub.Allocate(allocate_request([VFS[0]], [VFS[1]]), timeout=10)
             assert [r.envs["PCIDEVICE_NVIDIA_COM_CX7_QSFP"] for r in resp.container_responses] == VFS[:2]
             after = devinfo_inodes(sim_settings)
             assert sorted(n for n in after if after[n] != before[n]) == sorted(
                 devinfo_file_name(RESOURCE, v) for v in VFS[:2])  # rewritten at Allocate, as upstream
-            assert sorted(agent.allocations) == VFS[:2]
+            assert sorted(agent.ledger.records) == VFS[:2]
     asyncio.run(body())
 
 
@@ -71,7 +71,7 @@ def test_a_devinfo_write_failure_fails_the_call_and_records_nothing(sim_settings
                 await kubelet.endpoints[RESOURCE].stub.Allocate(allocate_request([VFS[0]], [VFS[1]]),
                                                                 timeout=10)
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-            assert agent.allocations == {}
+            assert agent.ledger.records == {}
             assert first.is_file() and blocker.is_dir()
     asyncio.run(body())
 
@@ -86,7 +86,7 @@ def test_a_megabyte_id_gets_a_short_invalid_argument(sim_settings: Settings, run
                 await kubelet.allocate(RESOURCE, [huge])
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert len(err.value.details() or "") < 400
-            assert agent.allocations == {}
+            assert agent.ledger.records == {}
     with caplog.at_level(logging.INFO):
         asyncio.run(body())
     assert max(len(r.getMessage()) + len(str(getattr(r, "device", ""))) for r in caplog.records) < 1000
@@ -102,7 +102,7 @@ def test_duplicate_and_too_many_ids_are_refused(sim_settings: Settings, run_agen
                     await kubelet.allocate(RESOURCE, ids)
                 assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
                 assert len(err.value.details() or "") < 400
-            assert devinfo_inodes(sim_settings) == before and agent.allocations == {}
+            assert devinfo_inodes(sim_settings) == before and agent.ledger.records == {}
     asyncio.run(body())
 
 

@@ -8,7 +8,7 @@ import socket
 from pathlib import Path
 
 from agent.adapters.podresources import PodResourcesClient
-from agent.ledger import PodLedger
+from agent.services.ledger import PodLedger
 from agent.sim.podresources import FakePodResources, PodDevice
 
 RES = "nvidia.com/cx7_qsfp"

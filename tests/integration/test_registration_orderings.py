@@ -21,7 +21,7 @@ from agent._pb.deviceplugin.v1beta1 import api_pb2, api_pb2_grpc
 from agent.adapters import kubelet as kubelet_adapter
 from agent.adapters.inotify import IN_CREATE, IN_DELETE, IN_Q_OVERFLOW, Inotify
 from agent.adapters.kubelet import PluginLifecycle, register
-from agent.app import Agent
+from agent.app import App
 from agent.errors import KubeletRegistrationError, PluginSocketWipedError
 from agent.settings import Settings
 from agent.sim.kubelet import FakeKubelet
@@ -45,10 +45,10 @@ async def until(predicate: Callable[[], bool], timeout: float = WAIT) -> None:
             await asyncio.sleep(0.005)
 
 
-async def registered_with_current(kubelet: FakeKubelet, agent: Agent) -> None:
+async def registered_with_current(kubelet: FakeKubelet, agent: App) -> None:
     """The current kubelet instance accepted our Register, holds our devices, and the agent knows."""
     instance = kubelet.instance
-    lifecycle = agent.lifecycles[RESOURCE]
+    lifecycle = agent.plugins.lifecycles[RESOURCE]
     await kubelet.wait_for(lambda: kubelet.registers_per_instance(RESOURCE)[instance] >= 1
                            and kubelet.healthy(RESOURCE) == VFS, timeout=WAIT)
     await until(lambda: lifecycle.registered)
@@ -58,10 +58,10 @@ def assert_one_register_per_instance(kubelet: FakeKubelet, instances: int) -> No
     assert kubelet.registers_per_instance(RESOURCE) == dict.fromkeys(range(1, instances + 1), 1)
 
 
-async def lifecycle_of(agent: Agent) -> PluginLifecycle:
-    """The resource's lifecycle, once Agent.run() has made it."""
-    await until(lambda: RESOURCE in agent.lifecycles)
-    return agent.lifecycles[RESOURCE]
+async def lifecycle_of(agent: App) -> PluginLifecycle:
+    """The resource's lifecycle, once App.run() has made it."""
+    await until(lambda: RESOURCE in agent.plugins.lifecycles)
+    return agent.plugins.lifecycles[RESOURCE]
 
 
 def test_kubelet_up_before_the_agent(sim_settings: Settings, run_agent: RunAgent) -> None:

@@ -34,24 +34,25 @@ def test_a_held_vf_moves_to_its_new_resource_once_released(sim_node: SimNode, si
         pods = FakePodResources(sim_settings.pod_resources_socket)
         await pods.start()
         async with run_agent(sim_settings, config(["enP2p1s0f0np0"], ["enP2p1s0f1np1"])) as (agent, kubelet):
-            agent.pin_poll_s = 0.1
+            agent.inventory.pin_poll_s = 0.1
             await kubelet.wait_for(lambda: sorted(kubelet.healthy(OTHER)) == pf1_vfs)
             await kubelet.allocate(OTHER, [pf1_vfs[0]])
             pods.pods = [PodDevice("ml", "p", "c", OTHER, (pf1_vfs[0],))]
-            agent.set_config(parse_config(config(["enP2p1s0f0np0", "enP2p1s0f1np1"], [])))
-            await agent.rescan("config changed")
-            assert agent.pinned == {pf1_vfs[0]: (OTHER, PF1)} and OTHER in agent.retired
+            agent.resources.set_config(parse_config(config(["enP2p1s0f0np0", "enP2p1s0f1np1"], [])))
+            await agent.inventory.rescan("config changed")
+            assert agent.resources.pinned == {pf1_vfs[0]: (OTHER, PF1)} and OTHER in agent.resources.retired
             # Each resource's stream carries its own update: wait for both, in whichever order they land.
             await kubelet.wait_for(lambda: sorted(kubelet.devices(OTHER)) == [pf1_vfs[0]]
                                    and pf1_vfs[1] in kubelet.devices(RESOURCE), timeout=10)
             assert pf1_vfs[0] not in kubelet.devices(RESOURCE)
             await asyncio.sleep(0.5)  # polled a few times: the pod still holds it, nothing moves
-            assert agent.pinned and not kubelet.endpoints[OTHER].stopped
+            assert agent.resources.pinned and not kubelet.endpoints[OTHER].stopped
             pods.pods = []  # the pod is gone (and the Allocate is older than the grace period)
-            agent.allocations[pf1_vfs[0]].at = time.time() - 3600
+            agent.ledger.records[pf1_vfs[0]].at = time.time() - 3600
             await kubelet.wait_for(lambda: kubelet.endpoints[OTHER].stopped
                                    and pf1_vfs[0] in kubelet.healthy(RESOURCE), timeout=10)
-            assert not agent.pinned and not agent.retired and OTHER not in agent.lifecycles
+            assert not agent.resources.pinned and not agent.resources.retired
+            assert OTHER not in agent.plugins.lifecycles
         await pods.stop()
 
     asyncio.run(body())

@@ -16,9 +16,10 @@ import grpc
 import pytest
 
 from agent.adapters.fencestore import FILE_NAME
-from agent.app import Agent, build_agent
+from agent.app import App, build_agent
 from agent.config import parse_config
-from agent.core.reconcile import VfAttrs, VfChange, stable_mac
+from agent.core.reconcile import VfChange, stable_mac
+from agent.model import VfAttrs
 from agent.settings import Settings
 from agent.sim.kernel import SimKernel, SimNetlink
 from agent.sim.kubelet import HEALTHY, UNHEALTHY, FakeKubelet
@@ -47,7 +48,7 @@ class Rig:
     kernel: SimKernel
     netlink: SimNetlink
     settings: Settings
-    agent: Agent
+    agent: App
     kubelet: FakeKubelet
     pods: FakePodResources
 
@@ -80,7 +81,7 @@ class Rig:
         await self.kubelet.allocate(RESOURCE, [vf])
         self.pods.pods = [PodDevice("ml", "nccl-0", "main", RESOURCE, (vf,))]
         self.node.move_netdev_to_pod(self.node.vf_netdev_name(PF, self.node.vf_index(vf)))
-        await self.agent.rescan("RTM_DELLINK (netdev moved into the pod)")
+        await self.agent.inventory.rescan("RTM_DELLINK (netdev moved into the pod)")
         self.netlink.set_vf(PF_IF, self.node.vf_index(vf), DIRTY)
         await self.until(lambda: self.agent.ledger.records[vf].confirmed)  # the kubelet listed it
 
@@ -88,7 +89,7 @@ class Rig:
         """sriov-cni DEL: the netdev comes home (the agent re-reads on the RTM_NEWLINK); then the kubelet
         stops listing the VF, as it does once the pod is gone."""
         self.node.move_netdev_home(vf)
-        await self.agent.rescan("RTM_NEWLINK (netdev back in the host netns)")
+        await self.agent.inventory.rescan("RTM_NEWLINK (netdev back in the host netns)")
         if pod_gone:
             self.pods.pods = []
 
@@ -184,7 +185,7 @@ def test_failed_reset_stays_unhealthy_with_the_reason_and_is_retried(sim_root: P
             assert r.health() == UNHEALTHY
             assert "EIO" in r.reason() and "retry in 1s" in r.reason()
             assert r.agent.stats.get("vf_resets", pf=PF, mode="flr", outcome="failed") == 1
-            doc = await r.agent.status()
+            doc = await r.agent.status.document()
             (row,) = [v for v in doc["vfs"] if v["vf"] == VF1]  # type: ignore[attr-defined]
             assert row["resetting"] and row["reason"].startswith("resetting: failed")
             await r.kubelet.wait_for(lambda: r.health() == HEALTHY, timeout=15)  # the retry, 1 s later
@@ -245,7 +246,7 @@ def test_reset_on_release_none_leaves_the_vf_alone(sim_root: Path) -> None:
             await r.take()
             await r.give_back()
             await r.agent.ledger.refresh()  # the release is seen ...
-            await r.agent.rescan("settle")
+            await r.agent.inventory.rescan("settle")
             assert r.history() == [HEALTHY]  # ... and nothing is fenced or written
             assert r.attrs().vlan == 42 and r.agent.stats.get("vf_resets", pf=PF, mode="none",
                                                               outcome="ok") == 0

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.app import Agent, build_agent
+from agent.app import App, Watchers, build_agent
 from agent.config import HealthSettings, parse_config
 from agent.sim.kubelet import FakeKubelet
 from agent.sim.node import SimNode, SimPf
@@ -114,14 +114,13 @@ def config_for(node: VethNode) -> str:
 
 
 @contextlib.asynccontextmanager
-async def agent_watching(node: VethNode, settle_s: float = 0.2) -> AsyncIterator[tuple[Agent, FakeKubelet]]:
+async def agent_watching(node: VethNode, settle_s: float = 0.2) -> AsyncIterator[tuple[App, FakeKubelet]]:
     """The real agent with its link watcher bound in the test namespace, and a kubelet stand-in."""
     settings = node_settings(node.sim.root)
     kubelet = FakeKubelet(settings.device_plugin_dir)
     await kubelet.start()
-    agent = build_agent(settings, parse_config(config_for(node)))
-    agent.config = replace(agent.config, health=HealthSettings(recovery_s=settle_s))
-    agent.extra_tasks.append(agent.health_watch.link_task(netns=node.ns.name))
+    config = replace(parse_config(config_for(node)), health=HealthSettings(recovery_s=settle_s))
+    agent = build_agent(settings, config, watchers=Watchers(uevents=False, netns=node.ns.name))
     runner = asyncio.create_task(agent.run())
     try:
         await kubelet.wait_for(lambda: len(seen(kubelet)) == 4, timeout=10)

@@ -16,11 +16,10 @@ import pytest
 
 from agent.adapters.executor import Timeouts
 from agent.adapters.netlink_vf import PyrouteVfNetlink
-from agent.app import build_agent
+from agent.app import App, build_agent
 from agent.config import parse_config
 from agent.core.reconcile import VfChange
 from agent.errors import NetlinkOpError
-from agent.lifecycle import Lifecycle
 from agent.sim.kernel import SimKernel
 from agent.sim.node import SimNode, SimPf
 from tests.conftest import node_settings
@@ -56,20 +55,19 @@ def test_reconcile_brings_the_real_pf_up_with_its_mtu_and_writes_nothing_twice(n
     config = f"resources:\n  - resourceName: a.com/vf\n    pfs:\n      - pfName: {pf_if}\n" \
              "        numVfs: 2\n        mtu: 9000\n"
 
-    def reconcile() -> Lifecycle:
-        agent = build_agent(node_settings(node.root), parse_config(config))
-        agent.sysfs.writer = kernel
-        lc = Lifecycle(agent, PyrouteVfNetlink(netns=netns.name), Timeouts(vf_wait=5))
-        asyncio.run(lc.reconcile("test"))
-        return lc
+    def reconcile() -> App:
+        agent = build_agent(node_settings(node.root), parse_config(config), writer=kernel,
+                            netlink=PyrouteVfNetlink(netns=netns.name), timeouts=Timeouts(vf_wait=5))
+        asyncio.run(agent.lifecycle.reconcile("test"))
+        return agent
 
     kernel = SimKernel(node)
-    lc = reconcile()
-    assert lc.agent.reconcile_status["0000:03:00.0"].state == "ok"
+    agent = reconcile()
+    assert agent.reporter.reconcile_status["0000:03:00.0"].state == "ok"
     shown = netns.ip("-o", "link", "show", pf_if)
     assert "mtu 9000" in shown and ",UP" in shown
     assert node.pf("0000:03:00.0").numvfs == 2
-    assert lc.agent.stats.get("reconcile_actions", pf="0000:03:00.0", action="set_link_up") == 1
+    assert agent.stats.get("reconcile_actions", pf="0000:03:00.0", action="set_link_up") == 1
     again = reconcile()
-    assert again.agent.reconcile_status["0000:03:00.0"].actions_applied == 0
+    assert again.reporter.reconcile_status["0000:03:00.0"].actions_applied == 0
     assert len(kernel.writes) == 1

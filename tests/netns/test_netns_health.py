@@ -9,7 +9,7 @@ import pytest
 
 from agent.adapters.netlink import LinkWatcher
 from agent.adapters.udev import DeviceEvent, UeventWatcher
-from agent.app import Agent
+from agent.app import App
 
 from .conftest import RESOURCE, Netns, VethNode, agent_watching, seen
 
@@ -215,8 +215,8 @@ def test_kernel_uevents_for_net_devices_arrive_in_the_namespace(netns: Netns) ->
     asyncio.run(body())
 
 
-def _vf_netdev(agent: Agent, vf: str) -> str | None:
-    found = agent.node.vf(vf)
+def _vf_netdev(agent: App, vf: str) -> str | None:
+    found = agent.inventory.node.vf(vf)
     assert found is not None
     netdev = found[1].netdev
     return netdev.name if netdev else None

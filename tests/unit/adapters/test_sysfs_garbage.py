@@ -16,7 +16,7 @@ import pytest
 
 from agent.adapters.sysfs import MAX_ATTR_BYTES, SysfsHost
 from agent.adapters.udev import DeviceEvent
-from agent.app import Agent, build_agent
+from agent.app import App, build_agent
 from agent.config import parse_config
 from agent.errors import SysfsContentError, SysfsError
 from agent.settings import Settings
@@ -125,7 +125,7 @@ def test_a_symlink_loop_at_a_pfs_net_is_an_error_of_that_pf(node: SimNode) -> No
 
 
 @contextlib.asynccontextmanager
-async def agent_on(settings: Settings) -> AsyncIterator[tuple[Agent, FakeKubelet, asyncio.Task[None]]]:
+async def agent_on(settings: Settings) -> AsyncIterator[tuple[App, FakeKubelet, asyncio.Task[None]]]:
     kubelet = FakeKubelet(settings.device_plugin_dir)
     await kubelet.start()
     agent = build_agent(settings, parse_config(TWO_PFS))
@@ -151,13 +151,13 @@ def corrupt_all(node: SimNode) -> None:
     loop(other2 / "vendor")
 
 
-def expect_served_despite_garbage(agent: Agent, kubelet: FakeKubelet) -> None:
+def expect_served_despite_garbage(agent: App, kubelet: FakeKubelet) -> None:
     devices = kubelet.devices(RESOURCE)
     assert sorted(i for i, d in devices.items() if d.health == "Healthy") == [VFS_A[0], *VFS_A[2:]]
     assert devices[VFS_A[1]].health == "Unhealthy"
     reason = agent.hub.current(RESOURCE)[1].by_id()[VFS_A[1]].reason
     assert "cannot read the VF from sysfs" in reason and "ELOOP" in reason
-    problems = " ".join(agent.resolution.problems)
+    problems = " ".join(agent.inventory.resolution.problems)
     assert f"{PF_B}: cannot read" in problems and "sriov_numvfs" in problems
 
 
@@ -181,7 +181,7 @@ def test_garbage_after_start_up_and_a_uevent_never_stops_the_agent(node: SimNode
             await kubelet.wait_for(lambda: len(kubelet.healthy(RESOURCE)) == 6, timeout=10)
             corrupt_all(node)
             change = DeviceEvent("change", "pci", f"/devices/pci0002:00/0002:00:00.0/{PF_B}", PF_B)
-            await agent.health_watch.on_uevents(agent, [change], overflowed=False)
+            await agent.health_watch.on_uevents(agent.inventory, [change], overflowed=False)
             await kubelet.wait_for(lambda: len(kubelet.devices(RESOURCE)) == 4, timeout=10)
             expect_served_despite_garbage(agent, kubelet)
             assert not runner.done()
@@ -194,7 +194,7 @@ def test_a_rescan_that_raises_is_logged_and_retried(node: SimNode, caplog: pytes
     async def body() -> None:
         async with agent_on(node_settings(node.root)) as (agent, kubelet, runner):
             await kubelet.wait_for(lambda: len(kubelet.healthy(RESOURCE)) == 6, timeout=10)
-            real = agent.scan
+            real = agent.inventory.scan
             calls = []
 
             def flaky(keep: object = ()) -> object:
@@ -203,10 +203,11 @@ def test_a_rescan_that_raises_is_logged_and_retried(node: SimNode, caplog: pytes
                     raise RuntimeError("surprise")
                 return real(keep)  # type: ignore[arg-type]
 
-            agent.scan = flaky  # type: ignore[method-assign]
+            agent.inventory.scan = flaky  # type: ignore[method-assign]
             node.set_pf_link(PF_B, up=False)  # a change only a fresh read shows
             await agent.health_watch.on_uevents(
-                agent, [DeviceEvent("change", "pci", f"/devices/pci0002:00/0002:00:00.0/{PF_B}", PF_B)],
+                agent.inventory,
+                [DeviceEvent("change", "pci", f"/devices/pci0002:00/0002:00:00.0/{PF_B}", PF_B)],
                 overflowed=False)
             assert calls == [1] and not runner.done()
             assert len(kubelet.healthy(RESOURCE)) == 6  # the last good view is kept meanwhile

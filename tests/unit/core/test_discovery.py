@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from agent.adapters.sysfs import SysfsHost
-from agent.app import Agent, build_agent
+from agent.app import App, build_agent
 from agent.config import parse_config
 from agent.core.discovery import resolve_pfs
 from agent.core.inventory import build_view
@@ -14,7 +14,7 @@ from agent.sim.node import CX7_PF_DEVICE, MLX_VENDOR, SimNode, SimPf, dgx_spark
 from tests.conftest import node_settings
 
 
-def _agent(node: SimNode, config: str) -> Agent:
+def _agent(node: SimNode, config: str) -> App:
     return build_agent(node_settings(node.root), parse_config(config))
 
 
@@ -23,11 +23,11 @@ def _one_pf(config_pf: str, numvfs: int = 4) -> str:
             f"      - {config_pf}\n        numVfs: {numvfs}\n")
 
 
-def _view(agent: Agent, resource: str = "nvidia.com/cx7_qsfp") -> dict[str, tuple[Health, str, int]]:
-    res, node = agent.scan()
-    res_cfg = next(r for r in agent.config.resources if r.resource_name == resource)
+def _view(agent: App, resource: str = "nvidia.com/cx7_qsfp") -> dict[str, tuple[Health, str, int]]:
+    res, node = agent.inventory.scan()
+    res_cfg = next(r for r in agent.resources.config.resources if r.resource_name == resource)
     pfs = [node.pfs[m.pci_address] for m in res.for_resource(resource) if m.pci_address in node.pfs]
-    view = build_view(res_cfg, pfs, agent.in_pod(), agent.sysfs.dev_path_exists)
+    view = build_view(res_cfg, pfs, agent.ledger.held(), agent.sysfs.dev_path_exists)
     return {d.id: (d.health, d.reason, d.numa_node) for d in view.devices}
 
 
@@ -88,14 +88,14 @@ def test_pf_without_sriov_is_a_problem_and_serves_nothing(sim_root: Path) -> Non
     pf = SysfsHost(node.root).read_pf("0000:03:00.0")
     assert not pf.sriov_capable and pf.vfs == ()
     agent = _agent(node, _one_pf("pfName: ens3f0np0"))
-    res, _ = agent.scan()
+    res, _ = agent.inventory.scan()
     assert any("no SR-IOV capability" in p and "0000:03:00.0" in p for p in res.problems)
     assert _view(agent) == {}
 
 
 def test_pf_without_driver_is_a_problem(sim_root: Path) -> None:
     node = SimNode(sim_root / "n", [SimPf("0000:03:00.0", "ens3f0np0", driver=None)]).build()
-    res, _ = _agent(node, _one_pf('pciAddress: "0000:03:00.0"')).scan()
+    res, _ = _agent(node, _one_pf('pciAddress: "0000:03:00.0"')).inventory.scan()
     assert any("no driver is bound" in p for p in res.problems)
 
 
@@ -113,9 +113,9 @@ def test_several_pfs_in_one_resource_serve_all_their_vfs(sim_root: Path) -> None
 
 
 def test_pf_selected_by_name_address_or_vendor_device(sim_node: SimNode) -> None:
-    by_name, _ = _agent(sim_node, _one_pf("pfName: enP2p1s0f0np0")).scan()
-    by_addr, _ = _agent(sim_node, _one_pf('pciAddress: "0002:01:00.0"')).scan()
-    by_id, _ = _agent(sim_node, _one_pf('vendor: "15b3"\n        device: "1021"')).scan()
+    by_name, _ = _agent(sim_node, _one_pf("pfName: enP2p1s0f0np0")).inventory.scan()
+    by_addr, _ = _agent(sim_node, _one_pf('pciAddress: "0002:01:00.0"')).inventory.scan()
+    by_id, _ = _agent(sim_node, _one_pf('vendor: "15b3"\n        device: "1021"')).inventory.scan()
     assert [m.pci_address for m in by_name.matches] == ["0002:01:00.0"]
     assert [m.pci_address for m in by_addr.matches] == ["0002:01:00.0"]
     # vendor+device picks every CX-7 PF and never its VFs (which are 15b3:101e).
@@ -125,7 +125,7 @@ def test_pf_selected_by_name_address_or_vendor_device(sim_node: SimNode) -> None
 
 
 def test_pf_name_that_is_a_vf_is_refused(sim_node: SimNode) -> None:
-    res, _ = _agent(sim_node, _one_pf("pfName: enP2p1s0f0v0")).scan()
+    res, _ = _agent(sim_node, _one_pf("pfName: enP2p1s0f0v0")).inventory.scan()
     assert res.matches == ()
     assert res.problems == (
         "nvidia.com/cx7_qsfp: PF pfName=enP2p1s0f0v0: 0002:01:00.2 is a VF of 0002:01:00.0, not a PF",)
@@ -136,7 +136,7 @@ def test_missing_pf_is_reported_and_other_resources_are_still_served(sim_node: S
               "  - {resourceName: nvidia.com/cx7_qsfp, pfs: [{pfName: enP2p1s0f0np0, numVfs: 4}]}\n"
               "  - {resourceName: nvidia.com/cx7_gone, pfs: [{pfName: ens9f0np0, numVfs: 2}]}\n")
     agent = _agent(sim_node, config)
-    res, _ = agent.scan()
+    res, _ = agent.inventory.scan()
     assert res.problems == (
         "nvidia.com/cx7_gone: PF pfName=ens9f0np0: no such network interface on this node",)
     assert len(_view(agent, "nvidia.com/cx7_qsfp")) == 4

@@ -171,7 +171,7 @@ def test_driver_unbind_event_reaches_the_kubelet_and_rebind_recovers(node: SimNo
         kubelet = FakeKubelet(settings.device_plugin_dir)
         await kubelet.start()
         agent = build_agent(settings, config)
-        agent.config = replace(agent.config, health=HealthSettings(recovery_s=0.0))
+        agent.resources.config = replace(agent.resources.config, health=HealthSettings(recovery_s=0.0))
         runner = asyncio.create_task(agent.run())
 
         def health() -> str:
@@ -181,11 +181,11 @@ def test_driver_unbind_event_reaches_the_kubelet_and_rebind_recovers(node: SimNo
         try:
             await kubelet.wait_for(lambda: health() == "Healthy", timeout=10)
             node.unprobe(VF)
-            await agent.health_watch.on_uevents(agent, [unbind], overflowed=False)
+            await agent.health_watch.on_uevents(agent.inventory, [unbind], overflowed=False)
             await kubelet.wait_for(lambda: health() == "Unhealthy", timeout=5)
             assert agent.hub.current(RESOURCE)[1].by_id()[VF].reason == "VF has no driver bound"
             node.probe_vf(VF)
-            await agent.health_watch.on_uevents(agent, [bind], overflowed=False)
+            await agent.health_watch.on_uevents(agent.inventory, [bind], overflowed=False)
             await kubelet.wait_for(lambda: health() == "Healthy", timeout=5)
         finally:
             await agent.shutdown()
@@ -229,7 +229,7 @@ def test_hot_unplugged_vf_held_by_a_pod_stays_listed_unhealthy(node: SimNode) ->
             unplug(free)
             remove = [DeviceEvent("remove", "pci", f"/devices/pci0002:00/0002:00:00.0/{vf}", vf)
                       for vf in (held, free)]
-            await agent.health_watch.on_uevents(agent, remove, overflowed=False)
+            await agent.health_watch.on_uevents(agent.inventory, remove, overflowed=False)
             await kubelet.wait_for(lambda: free not in devices(), timeout=5)
             assert devices()[held] == "Unhealthy"
             assert agent.hub.current(RESOURCE)[1].by_id()[held].reason == "VF PCI device is gone"

@@ -12,7 +12,6 @@ from agent.adapters.executor import Timeouts
 from agent.app import build_agent
 from agent.config import parse_config
 from agent.errors import ConfigError
-from agent.lifecycle import Lifecycle
 from agent.sim.kernel import SimKernel, SimNetlink
 from agent.sim.node import dgx_spark
 from tests.conftest import CX7_CONFIG, RESOURCE, node_settings
@@ -38,20 +37,20 @@ def test_invalid_config_is_rejected_and_the_last_good_one_kept(sim_root: Path, n
     node = dgx_spark(sim_root / "node", numvfs=0)
     settings = node_settings(node.root)
     Path(settings.config).write_text(CX7_CONFIG)
-    agent = build_agent(settings, parse_config(CX7_CONFIG))
     nl = SimNetlink(node)
-    agent.sysfs.writer = SimKernel(node, netlink=nl)
-    lc = Lifecycle(agent, nl, Timeouts(vf_wait=5))
-    good = agent.config
+    agent = build_agent(settings, parse_config(CX7_CONFIG), writer=SimKernel(node, netlink=nl), netlink=nl,
+                        timeouts=Timeouts(vf_wait=5))
+    lc = agent.lifecycle
+    good = agent.resources.config
     Path(settings.config).write_text(text)
     assert asyncio.run(lc.reload_config()) is False
-    assert agent.config is good and field in lc.config_error
+    assert agent.resources.config is good and field in lc.config_error
     assert agent.metrics is not None  # the exported counter, as a scrape reads it
     registry = agent.metrics.registry
     assert registry.get_sample_value("sriov_rdma_config_reloads_total", {"result": "invalid"}) == 1
     Path(settings.config).write_text(CX7_CONFIG.replace("numVfs: 4", "numVfs: 2"))
     assert asyncio.run(lc.reload_config()) is True and lc.config_error == ""
-    assert agent.config.resources[0].pfs[0].num_vfs == 2
+    assert agent.resources.config.resources[0].pfs[0].num_vfs == 2
     asyncio.run(lc.reconcile("config changed"))
     assert node.pf("enP2p1s0f0np0").numvfs == 2
 
@@ -62,14 +61,14 @@ def test_lifecycle_timeouts_from_config_apply_to_the_next_reconcile(sim_root: Pa
     text = "lifecycle:\n  vfWaitTimeoutSeconds: 0.2\n  sysfsWriteTimeoutSeconds: 5\n" + CX7_CONFIG
     settings = node_settings(node.root)
     Path(settings.config).write_text(text)
-    agent = build_agent(settings, parse_config(text))
     nl = SimNetlink(node)
     kernel = SimKernel(node, netlink=nl, vf_delay=0.5)
-    agent.sysfs.writer = kernel
-    lc = Lifecycle(agent, nl, Timeouts(vf_wait=60))
+    agent = build_agent(settings, parse_config(text), writer=kernel, netlink=nl,
+                        timeouts=Timeouts(vf_wait=60))
+    lc = agent.lifecycle
     asyncio.run(lc.reconcile("startup"))
     kernel.settle()
-    st = agent.reconcile_status["0002:01:00.0"]
+    st = agent.reporter.reconcile_status["0002:01:00.0"]
     assert (st.state, st.reason) == ("error", "timeout") and "0 of 4 virtfn links" in st.message
     assert lc.executor.timeouts.vf_wait == 0.2 and lc.executor.timeouts.sysfs_write == 5
 

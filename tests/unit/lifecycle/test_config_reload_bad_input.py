@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
-import agent.lifecycle
+import agent.services.lifecycle
 from agent.adapters.executor import Timeouts
-from agent.app import Agent, build_agent
+from agent.app import App, build_agent
 from agent.config import Config, parse_config
-from agent.lifecycle import Lifecycle
+from agent.services.lifecycle import Lifecycle
 from agent.sim.kernel import SimKernel, SimNetlink
 from agent.sim.kubelet import FakeKubelet
 from agent.sim.node import dgx_spark
@@ -26,7 +26,7 @@ from tests.unit.core.test_config_limits import laughs
 
 
 @contextlib.asynccontextmanager
-async def serving(sim_root: Path) -> AsyncIterator[tuple[Agent, Lifecycle, FakeKubelet, asyncio.Task[None]]]:
+async def serving(sim_root: Path) -> AsyncIterator[tuple[App, Lifecycle, FakeKubelet, asyncio.Task[None]]]:
     """The agent with its VF lifecycle (and so the config watcher) on a simulated node."""
     node = dgx_spark(sim_root / "node")
     settings = node_settings(node.root)
@@ -55,7 +55,7 @@ async def _until(predicate: Any, timeout: float = 10.0) -> None:
             await asyncio.sleep(0.02)
 
 
-def reloads(agent_: Agent, result: str) -> float | None:
+def reloads(agent_: App, result: str) -> float | None:
     """The exported counter, as a scrape reads it."""
     assert agent_.metrics is not None
     return agent_.metrics.registry.get_sample_value("sriov_rdma_config_reloads_total", {"result": result})
@@ -74,11 +74,11 @@ def _write(settings_config: str, data: bytes) -> None:
 def test_a_bad_config_on_reload_is_rejected_and_the_agent_keeps_serving(sim_root: Path, bad: bytes) -> None:
     async def body() -> None:
         async with serving(sim_root) as (agent_, lc, kubelet, runner):
-            good = agent_.config
+            good = agent_.resources.config
             _write(agent_.settings.config, bad)
             await _until(lambda: reloads(agent_, "invalid") == 1)
             assert not runner.done(), "a rejected config must never end the agent"
-            assert agent_.config is good
+            assert agent_.resources.config is good
             assert lc.config_error.startswith("config: <file>: ") and len(lc.config_error) < 300
             assert len(kubelet.healthy(RESOURCE)) == 4
             resp = await kubelet.allocate(RESOURCE, ["0002:01:00.2"])  # still serving
@@ -86,7 +86,7 @@ def test_a_bad_config_on_reload_is_rejected_and_the_agent_keeps_serving(sim_root
             # The next good file is adopted as usual.
             _write(agent_.settings.config, CX7_CONFIG.replace("numVfs: 4", "numVfs: 3").encode())
             await _until(lambda: reloads(agent_, "ok") == 1)
-            assert agent_.config.resources[0].pfs[0].num_vfs == 3 and lc.config_error == ""
+            assert agent_.resources.config.resources[0].pfs[0].num_vfs == 3 and lc.config_error == ""
     asyncio.run(body())
 
 
@@ -94,18 +94,19 @@ def test_reload_parses_in_a_worker_thread(sim_root: Path, monkeypatch: pytest.Mo
     """A large file (up to the 1 MiB limit) takes a moment to parse: health answers and ListAndWatch
     streams must not wait for it."""
     threads: list[threading.Thread] = []
-    real = agent.lifecycle.parse_config
+    real = agent.services.lifecycle.parse_config
 
     def recording(data: str | bytes) -> Config:
         threads.append(threading.current_thread())
         return real(data)
 
-    monkeypatch.setattr(agent.lifecycle, "parse_config", recording)
+    monkeypatch.setattr(agent.services.lifecycle, "parse_config", recording)
     node = dgx_spark(sim_root / "node")
     settings = node_settings(node.root)
     Path(settings.config).write_text(CX7_CONFIG)
-    agent_ = build_agent(settings, parse_config(CX7_CONFIG))
-    lc = Lifecycle(agent_, SimNetlink(node), Timeouts(vf_wait=5))
+    agent_ = build_agent(settings, parse_config(CX7_CONFIG), netlink=SimNetlink(node),
+                         timeouts=Timeouts(vf_wait=5))
+    lc = agent_.lifecycle
     Path(settings.config).write_text(CX7_CONFIG.replace("numVfs: 4", "numVfs: 2"))
     assert asyncio.run(lc.reload_config()) is True
     assert threads and all(t is not threading.main_thread() for t in threads)
@@ -118,8 +119,9 @@ def test_a_failing_reload_closes_the_inotify_watch_cleanly(sim_root: Path) -> No
     node = dgx_spark(sim_root / "node")
     settings = node_settings(node.root)
     Path(settings.config).write_text(CX7_CONFIG)
-    agent_ = build_agent(settings, parse_config(CX7_CONFIG))
-    lc = Lifecycle(agent_, SimNetlink(node), Timeouts(vf_wait=5))
+    agent_ = build_agent(settings, parse_config(CX7_CONFIG), netlink=SimNetlink(node),
+                         timeouts=Timeouts(vf_wait=5))
+    lc = agent_.lifecycle
     loop_errors: list[dict[str, Any]] = []
 
     def broken_reload(force: bool = False) -> bool:  # raises on the call, before anything is awaited

@@ -10,10 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.adapters.executor import Timeouts
-from agent.app import Agent, Allocation, build_agent
+from agent.app import App, build_agent
 from agent.config import parse_config
-from agent.core.reconcile import SetNumVfs, SetVfAttrs, VfChange, stable_mac
-from agent.lifecycle import Lifecycle, dry_run, format_plan
+from agent.core.reconcile import SetNumVfs, SetVfAttrs, VfChange, format_plan, stable_mac
+from agent.services.ledger import Allocation
+from agent.services.lifecycle import Lifecycle
 from agent.sim.kernel import SimKernel, SimNetlink
 from agent.sim.node import SimNode, dgx_spark
 from agent.sim.podresources import FakePodResources, PodDevice
@@ -33,7 +34,7 @@ class Rig:
     node: SimNode
     kernel: SimKernel
     netlink: SimNetlink
-    agent: Agent
+    agent: App
     lc: Lifecycle
 
     def numvfs_writes(self) -> list[str]:
@@ -52,10 +53,9 @@ def make(node: SimNode, config: str, kernel: SimKernel | None = None,
     Path(settings.config).write_text(config)
     nl = netlink or SimNetlink(node)
     k = kernel or SimKernel(node, netlink=nl)
-    agent = build_agent(settings, parse_config(config))  # a simulated tree: observed only ...
-    agent.sysfs.writer = k  # ... until a kernel-faithful writer is in place
-    lc = Lifecycle(agent, nl, Timeouts(sysfs_write=5, vf_wait=5))
-    return Rig(node, k, nl, agent, lc, agent_config=config)
+    agent = build_agent(settings, parse_config(config), writer=k, netlink=nl,
+                        timeouts=Timeouts(sysfs_write=5, vf_wait=5))
+    return Rig(node, k, nl, agent, agent.lifecycle, agent_config=config)
 
 
 def fresh(sim_root: Path, config: str = cfg(), numvfs: int = 0) -> Rig:
@@ -64,7 +64,7 @@ def fresh(sim_root: Path, config: str = cfg(), numvfs: int = 0) -> Rig:
 
 def reconcile(rig: Rig, config: str | None = None) -> None:
     if config is not None:
-        rig.agent.config = parse_config(config)
+        rig.agent.resources.config = parse_config(config)
     asyncio.run(rig.lc.reconcile("test"))
 
 
@@ -72,11 +72,11 @@ def test_zero_to_four_to_eight_goes_through_zero(sim_root: Path) -> None:
     rig = fresh(sim_root)
     reconcile(rig)
     assert rig.node.pf(PF).numvfs == 4 and rig.numvfs_writes() == ["4"]
-    assert len(rig.agent.node.pfs[PF].vfs) == 4  # rescanned: the kubelet view has them
+    assert len(rig.agent.inventory.node.pfs[PF].vfs) == 4  # rescanned: the kubelet view has them
     reconcile(rig, cfg("numVfs: 8"))
     assert rig.numvfs_writes() == ["4", "0", "8"]
     assert len(list(rig.node.device_dir(PF).glob("virtfn*"))) == 8
-    st = rig.agent.reconcile_status[PF]
+    st = rig.agent.reporter.reconcile_status[PF]
     assert (st.state, st.desired_vfs, st.actual_vfs) == ("ok", 8, 8)
     assert (st.total_vfs, st.eswitch_mode) == (8, "legacy")
     assert rig.agent.stats.get("reconcile_actions", pf=PF, action="set_numvfs") == 3
@@ -91,8 +91,8 @@ def test_restart_over_a_node_in_desired_state_writes_nothing(sim_root: Path) -> 
     again = rig.restart()
     reconcile(again)
     assert len(rig.kernel.writes) == writes and len(rig.netlink.calls) == calls
-    assert again.agent.reconcile_status[PF].state == "ok"
-    assert again.agent.reconcile_status[PF].actions_applied == 0
+    assert again.agent.reporter.reconcile_status[PF].state == "ok"
+    assert again.agent.reporter.reconcile_status[PF].actions_applied == 0
 
 
 def test_after_a_reboot_the_vfs_are_rebuilt_from_config(sim_root: Path) -> None:
@@ -111,10 +111,10 @@ def test_after_a_reboot_the_vfs_are_rebuilt_from_config(sim_root: Path) -> None:
 
 def test_refuses_to_shrink_under_a_vf_held_by_a_pod_fallback_record(sim_root: Path) -> None:
     rig = fresh(sim_root, numvfs=4)
-    rig.agent.allocations["0002:01:00.3"] = Allocation("0002:01:00.3", RESOURCE, time.time())
+    rig.agent.ledger.records["0002:01:00.3"] = Allocation("0002:01:00.3", RESOURCE, time.time())
     reconcile(rig, cfg("numVfs: 2"))
     assert rig.numvfs_writes() == [] and rig.node.pf(PF).numvfs == 4
-    st = rig.agent.reconcile_status[PF]
+    st = rig.agent.reporter.reconcile_status[PF]
     assert (st.state, st.reason) == ("refused", "vf_in_use") and "0002:01:00.3" in st.message
     assert rig.agent.stats.get("reconcile_errors", pf=PF, reason="vf_in_use") == 1
 
@@ -127,14 +127,14 @@ def test_podresources_decides_which_vfs_are_held(sim_root: Path) -> None:
         await pods.start()
         try:
             pods.pods = [PodDevice("ml", "nccl-0", "main", RESOURCE, ("0002:01:00.5",))]
-            rig.agent.config = parse_config(cfg("numVfs: 8"))
+            rig.agent.resources.config = parse_config(cfg("numVfs: 8"))
             await rig.lc.reconcile("test")
-            st = rig.agent.reconcile_status[PF]
+            st = rig.agent.reporter.reconcile_status[PF]
             assert (st.state, st.reason) == ("refused", "vf_in_use") and "0002:01:00.5" in st.message
             assert rig.node.pf(PF).numvfs == 4 and pods.calls >= 1
             pods.pods = []  # the pod finished
             await rig.lc.reconcile("test")
-            assert rig.node.pf(PF).numvfs == 8 and rig.agent.reconcile_status[PF].state == "ok"
+            assert rig.node.pf(PF).numvfs == 8 and rig.agent.reporter.reconcile_status[PF].state == "ok"
         finally:
             await pods.stop()
     asyncio.run(body())
@@ -144,17 +144,17 @@ def test_enomem_is_reported_with_the_realloc_hint_and_retried(sim_root: Path) ->
     rig = fresh(sim_root)
     rig.kernel.inject(PF, "sriov_numvfs", errno.ENOMEM)
     reconcile(rig)
-    st = rig.agent.reconcile_status[PF]
+    st = rig.agent.reporter.reconcile_status[PF]
     assert (st.state, st.reason) == ("error", "pci_resources") and "pci=realloc" in st.message
     assert rig.agent.stats.get("reconcile_errors", pf=PF, reason="pci_resources") == 1
     reconcile(rig)
-    assert rig.node.pf(PF).numvfs == 4 and rig.agent.reconcile_status[PF].state == "ok"
+    assert rig.node.pf(PF).numvfs == 4 and rig.agent.reporter.reconcile_status[PF].state == "ok"
 
 
 def test_numvfs_over_the_firmware_limit_is_refused_before_any_write(sim_root: Path) -> None:
     rig = fresh(sim_root, cfg("numVfs: 16"))
     reconcile(rig)
-    st = rig.agent.reconcile_status[PF]
+    st = rig.agent.reporter.reconcile_status[PF]
     assert (st.state, st.reason) == ("refused", "over_totalvfs")
     assert "NUM_OF_VFS=16" in st.message and "reboot" in st.message
     assert rig.kernel.writes == []
@@ -164,7 +164,7 @@ def test_externally_managed_pf_is_only_checked(sim_root: Path) -> None:
     rig = fresh(sim_root, cfg("numVfs: 4, externallyManaged: true, trust: true"), numvfs=2)
     reconcile(rig)
     assert rig.kernel.writes == [] and rig.netlink.calls == []
-    st = rig.agent.reconcile_status[PF]
+    st = rig.agent.reporter.reconcile_status[PF]
     assert (st.state, st.reason) == ("external", "externally_managed_mismatch")
 
 
@@ -173,7 +173,7 @@ def test_unknown_pf_is_reported_and_the_others_reconciled(sim_root: Path) -> Non
     rig = fresh(sim_root, config)
     reconcile(rig)
     assert rig.node.pf(PF).numvfs == 4
-    missing = rig.agent.reconcile_status["pfName=ens9f9np0"]
+    missing = rig.agent.reporter.reconcile_status["pfName=ens9f9np0"]
     assert (missing.state, missing.reason) == ("not_found", "pf_not_found")
 
 
@@ -186,13 +186,13 @@ def test_pf_admin_down_is_brought_up(sim_root: Path) -> None:
 
 def test_dry_run_prints_the_plan_and_changes_nothing(sim_root: Path) -> None:
     rig = fresh(sim_root, cfg("numVfs: 8"), numvfs=4)
-    actions = asyncio.run(dry_run(rig.agent, rig.netlink))
+    actions = asyncio.run(rig.lc.dry_run())
     assert actions[:2] == (SetNumVfs(PF, 0), SetNumVfs(PF, 8))
     text = format_plan(actions)
     assert "write 0 to sriov_numvfs" in text and "write 8 to sriov_numvfs" in text
     assert rig.kernel.writes == [] and rig.node.pf(PF).numvfs == 4
     settled = fresh(sim_root / "b", cfg("numVfs: 4, trust: true"), numvfs=4)
-    acts = asyncio.run(dry_run(settled.agent, settled.netlink))
+    acts = asyncio.run(settled.lc.dry_run())
     assert all(isinstance(a, SetVfAttrs) for a in acts) and len(acts) == 4
     assert "nothing to change" in format_plan(())
 
@@ -213,7 +213,7 @@ def test_a_pf_that_never_converges_is_reported_not_retried_forever(sim_root: Pat
     node = dgx_spark(sim_root / "node", numvfs=2)
     rig = make(node, cfg("numVfs: 2, trust: true"), netlink=_IgnoringNetlink(node))
     reconcile(rig)
-    st = rig.agent.reconcile_status[PF]
+    st = rig.agent.reporter.reconcile_status[PF]
     assert (st.state, st.reason) == ("error", "not_converged") and "trust=True" in st.message
     assert len(rig.netlink.calls) == 2 * rig.lc.max_rounds  # bounded: max_rounds rounds of 2 VFs
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from pyroute2.requests.link import LinkIPRouteFilter
 
-from agent.adapters.netlink_vf import parse_link, settings_change, vf_request
-from agent.config import VfSettings
-from agent.core.reconcile import VfAttrs, VfChange
+from agent.adapters.netlink_vf import parse_link, vf_request
+from agent.core.reconcile import VfChange
+from agent.model import VfAttrs
 
 
 def wire(index: int, flags: int, mtu: int, *changes: tuple[int, VfChange]) -> ifinfmsg:
@@ -46,13 +45,3 @@ def test_only_changed_attributes_are_sent() -> None:
 def test_a_link_without_vfs_and_admin_down() -> None:
     link = parse_link(wire(2, 0, 1500))
     assert (link.admin_up, link.vfs) == (False, ())
-
-
-@pytest.mark.parametrize(("settings", "expected"), [
-    (VfSettings(), VfChange()),
-    (VfSettings(vlan=10), VfChange(vlan=10, qos=0)),
-    (VfSettings(max_tx_rate=200), VfChange(min_tx_rate=0, max_tx_rate=200)),
-    (VfSettings(trust=True, link_state="enable"), VfChange(trust=True, link_state="enable")),
-])
-def test_settings_to_a_full_change_for_a_fresh_vf(settings: VfSettings, expected: VfChange) -> None:
-    assert settings_change(settings) == expected

@@ -10,22 +10,20 @@ from agent.core.reconcile import (
     Desired,
     Observed,
     PfDesired,
-    PfObserved,
     Refuse,
     SetDriversAutoprobe,
     SetLinkUp,
     SetMtu,
     SetNumVfs,
     SetVfAttrs,
-    VfAttrs,
     VfChange,
-    VfObserved,
     WaitForVfs,
     Warn,
     mutates,
     plan,
     stable_mac,
 )
+from agent.model import NetdevInfo, PfInfo, VfAttrs, VfInfo
 
 PF = "0002:01:00.0"
 IF = "enP2p1s0f0np0"
@@ -40,15 +38,22 @@ def fresh_attrs(i: int) -> VfAttrs:
     return VfAttrs(i, "00:00:00:00:00:00", False, False, "auto", 0, 0, 0, 0)
 
 
+def netdev(name: str) -> NetdevInfo:
+    return NetdevInfo(name, "up", True, 1500, 0)
+
+
 def observed(numvfs: int = 0, total: int | None = 8, driver: str | None = "mlx5_core",
-             vf_driver: str | None = "mlx5_core", **kw: object) -> PfObserved:
-    vfs = tuple(VfObserved(i, f"0002:01:00.{i + 2}", vf_driver, f"enP2p1s0f0v{i}" if vf_driver else None,
-                           1500, fresh_attrs(i)) for i in range(numvfs))
-    base = PfObserved(PF, IF, driver, total, numvfs, True, 1500, True, "legacy", vfs)
+             vf_driver: str | None = "mlx5_core", **kw: object) -> PfInfo:
+    """One PF as a reconcile's read shows it: sysfs, with rtnetlink's admin state, MTU and VF attributes."""
+    vfs = tuple(VfInfo(f"0002:01:00.{i + 2}", i, PF, driver=vf_driver,
+                       netdev=netdev(f"enP2p1s0f0v{i}") if vf_driver else None, attrs=fresh_attrs(i))
+                for i in range(numvfs))
+    base = PfInfo(PF, "15b3", "1021", driver, netdev(IF), -1, total, numvfs, vfs,
+                  sriov_drivers_autoprobe=True, eswitch_mode="legacy", admin_up=True)
     return replace(base, **kw)  # type: ignore[arg-type]
 
 
-def run(cfg: PfConfig, have: PfObserved, in_use: frozenset[str] = frozenset(), node: str = "n1") -> tuple:
+def run(cfg: PfConfig, have: PfInfo, in_use: frozenset[str] = frozenset(), node: str = "n1") -> tuple:
     return plan(Desired((PfDesired(PF, "a.com/b", cfg, node_name=node),)), Observed({PF: have}, in_use))
 
 

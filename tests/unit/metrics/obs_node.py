@@ -7,12 +7,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.app import Agent, build_agent
+from agent.app import App, build_agent
 from agent.config import parse_config
+from agent.core.status import PodRef
 from agent.demo import DEMO_CONFIG, demo_settings
 from agent.errors import AgentError
 from agent.sim.node import SimNode, dgx_spark
-from agent.status import PodRef
 
 RESOURCE = "nvidia.com/cx7_qsfp"
 PF = "0002:01:00.0"
@@ -23,10 +23,10 @@ CONFIG = DEMO_CONFIG
 class Node:
     root: Path
     sim: SimNode
-    agent: Agent
+    agent: App
 
     def rescan(self) -> None:
-        asyncio.run(self.agent.rescan("test"))
+        asyncio.run(self.agent.inventory.rescan("test"))
 
     def port_file(self, pf: str, group: str, name: str) -> Path:
         return self.root / "sys/class/infiniband" / self.sim.rdma_name(pf) / "ports/1" / group / name

@@ -31,7 +31,7 @@ def test_every_dashboard_metric_is_exported(node: Node) -> None:
     node.agent.metrics.allocate_observer(RESOURCE)(0.001, True)
     for spec in COUNTERS.values():
         node.agent.stats.inc(spec.name, **dict.fromkeys(spec.labels, "x"))
-    node.agent.lifecycles[RESOURCE] = SimpleNamespace(registered=True)  # type: ignore[assignment]
+    node.agent.plugins.lifecycles[RESOURCE] = SimpleNamespace(registered=True)  # type: ignore[assignment]
     asyncio.run(node.agent.metrics.collector.refresh_pods())
     exported = set(re.findall(r"^([a-z_]+)[{ ]", render_text(node.agent.metrics.registry).decode(), re.M))
     used = {name for e in dashboard_exprs() for name in re.findall(r"\b((?:sriov_rdma|process)_[a-z_]+)", e)}

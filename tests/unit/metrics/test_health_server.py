@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from obs_node import CONFIG, RESOURCE, Node, make_node
 
 from agent.adapters.status_server import StatusUnavailableError, fetch_status
-from agent.model import PfReconcileStatus
+from agent.model import PfReconcileStatus, ReconcileState
 from agent.sim.kubelet import FakeKubelet
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -150,20 +150,20 @@ def test_lifecycle_follows_the_last_reconcile(short_root: Path) -> None:
     pf = "0002:01:00.0"
 
     def outcome(state: str, reason: str) -> dict[str, PfReconcileStatus]:
-        return {pf: PfReconcileStatus(pf=pf, resource=RESOURCE, state=state, reason=reason)}
+        return {pf: PfReconcileStatus(pf=pf, resource=RESOURCE, state=ReconcileState(state), reason=reason)}
 
     async def scenario() -> None:
         await kubelet.start()
         async with running(node, kubelet) as stub:
             runner = asyncio.create_task(node.agent.run())
             await wait_status(stub, "", SERVING)
-            node.agent.publish_reconcile_status(outcome("error", "EIO"))
+            node.agent.reporter.publish_reconcile_status(outcome("error", "EIO"))
             await wait_status(stub, "lifecycle", NOT_SERVING)
             assert await check(stub, "") == NOT_SERVING
             doc = await fetch_status(node.agent.settings.status_socket)
             assert doc["health"]["lifecycle"]["reason"] == "PF 0002:01:00.0: reconcile error (EIO)"
             # refusing to shrink under a VF a pod holds is the agent doing its job
-            node.agent.publish_reconcile_status(outcome("refused", "vf_in_use"))
+            node.agent.reporter.publish_reconcile_status(outcome("refused", "vf_in_use"))
             await wait_status(stub, "", SERVING)
             runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):

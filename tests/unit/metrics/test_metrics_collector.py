@@ -11,10 +11,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent.adapters.metrics_collector import AgentCollector, AgentMetrics
 from agent.adapters.metrics_exposition import render_text
-from agent.app import Allocation
 from agent.core.inventory import NodeState
-from agent.model import PfReconcileStatus
-from agent.status import PodRef
+from agent.core.status import PodRef
+from agent.model import PfReconcileStatus, ReconcileState
+from agent.services.ledger import Allocation
 
 VF0 = "0002:01:00.2"
 VF1 = "0002:01:00.3"
@@ -83,19 +83,20 @@ def test_pf_gauges_follow_the_node(node: Node) -> None:
 
 def test_eswitch_mode_is_a_state_set_when_known(node: Node) -> None:
     assert sample(node, "sriov_rdma_pf_eswitch_mode", pf=PF, mode="legacy") is None
-    pfs = dict(node.agent.node.pfs)
+    pfs = dict(node.agent.inventory.node.pfs)
     pfs[PF] = replace(pfs[PF], eswitch_mode="switchdev")
-    node.agent.node = NodeState(pfs)
+    node.agent.inventory.node = NodeState(pfs)
     assert sample(node, "sriov_rdma_pf_eswitch_mode", pf=PF, mode="switchdev") == 1
     assert sample(node, "sriov_rdma_pf_eswitch_mode", pf=PF, mode="legacy") == 0
 
 
 def test_reconcile_outcome_and_eswitch_mode_from_the_lifecycle(node: Node) -> None:
-    node.agent.reconcile_status = {
-        PF: PfReconcileStatus(pf=PF, resource=RESOURCE, state="refused", desired_vfs=2, actual_vfs=4,
-                              eswitch_mode="legacy", reason="vf_in_use", updated_at=1_700_000_000.0),
+    node.agent.reporter.reconcile_status = {
+        PF: PfReconcileStatus(pf=PF, resource=RESOURCE, state=ReconcileState.REFUSED, desired_vfs=2,
+                              actual_vfs=4, eswitch_mode="legacy", reason="vf_in_use",
+                              updated_at=1_700_000_000.0),
         "pfName=enp9s0f0np0": PfReconcileStatus(pf="pfName=enp9s0f0np0", resource=RESOURCE,
-                                                state="not_found"),
+                                                state=ReconcileState.NOT_FOUND),
     }
     assert sample(node, "sriov_rdma_pf_reconcile_state", pf=PF, resource=RESOURCE, state="refused") == 1
     assert sample(node, "sriov_rdma_pf_reconcile_state", pf=PF, resource=RESOURCE, state="ok") == 0
@@ -117,12 +118,12 @@ def test_vf_health_stats_and_agent_recorded_allocation(node: Node) -> None:
     assert sample(node, "sriov_rdma_vf_allocated", **L, **empty) == 0
     assert sample(node, "sriov_rdma_pod_resources_up") == 0
 
-    node.agent.allocations[VF0] = Allocation(VF0, RESOURCE, 0.0)
+    node.agent.ledger.records[VF0] = Allocation(VF0, RESOURCE, 0.0)
     assert sample(node, "sriov_rdma_vf_allocated", **L, **empty) == 1
 
 
 def test_vf_in_a_pod_keeps_health_and_loses_only_host_stats(node: Node) -> None:
-    node.agent.allocations[VF1] = Allocation(VF1, RESOURCE, 0.0)
+    node.agent.ledger.records[VF1] = Allocation(VF1, RESOURCE, 0.0)
     node.sim.move_netdev_to_pod("enP2p1s0f0v1")
     node.rescan()
     L = {"resource": RESOURCE, "vf": VF1}

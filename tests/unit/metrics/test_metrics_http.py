@@ -31,7 +31,7 @@ def test_http_endpoint(tmp_path: Path) -> None:
     node = make_node(tmp_path, metrics_address="127.0.0.1:0")
 
     async def scenario() -> None:
-        await node.agent.rescan()
+        await node.agent.inventory.rescan()
         await node.agent.start_observability()
         server = node.agent.metrics_server
         assert server is not None

@@ -13,9 +13,9 @@ import pytest
 from agent.adapters.nodelock import AlreadyRunningError, NodeLock, holder_pid, lock_name
 from agent.adapters.podresources import CachedPodDirectory, PodResourcesUnavailableError
 from agent.app import writes_enabled
-from agent.guard import guarded
+from agent.core.status import PodRef
+from agent.services.guard import guarded
 from agent.stats import Stats
-from agent.status import PodRef
 
 
 def test_a_failing_callback_is_logged_once_counted_retried_and_recovers(
@@ -32,7 +32,7 @@ def test_a_failing_callback_is_logged_once_counted_retried_and_recovers(
     async def body() -> None:
         await asyncio.wait_for(guarded("uevent", rescan, stats, report=reports.append)("PCI change"), 10)
 
-    with caplog.at_level(logging.INFO, logger="agent.guard"):
+    with caplog.at_level(logging.INFO, logger="agent.services.guard"):
         asyncio.run(body())
     assert calls == ["PCI change"] * 4  # the same call, retried until it went through
     assert stats.get("callback_errors", callback="uevent") == 3

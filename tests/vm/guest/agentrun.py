@@ -20,7 +20,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.adapters.sysfs import FileWriter
-from agent.app import build_agent, load_config
+from agent.app import HOST_WATCHERS, build_agent, load_config
 from agent.cli import serve
 from agent.settings import Settings
 from agent.sim.kubelet import FakeKubelet
@@ -77,8 +77,7 @@ async def serve_drawn_node(settings: Settings, stop: asyncio.Event) -> int:
     """``cli.serve`` for a sysfs root that is not "/": the agent manages VFs there only when given a
     writer, and here the plain file writer is right, because the files it writes (sriov_numvfs and
     friends) are symlinks to the real kernel's. Otherwise the same wiring as ``cli.serve``."""
-    agent = build_agent(settings, load_config(settings.config), writer=FileWriter())
-    agent.extra_tasks.extend(agent.health_watch.host_tasks())
+    agent = build_agent(settings, load_config(settings.config), writer=FileWriter(), watchers=HOST_WATCHERS)
     await agent.start_observability()
     runner = asyncio.create_task(agent.run())
     waiter = asyncio.create_task(stop.wait())

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 from agent.adapters.podresources import PodResourcesUnavailableError
 from agent.core.ledger import ALLOCATE_GRACE_S, judge
+from agent.core.status import PodDirectory, PodRef
 from agent.errors import AgentError, shorten
 from agent.logs import ctx
-from agent.status import PodDirectory, PodRef
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,8 @@
 """What the agent observes, as rows: read at scrape time by metrics and on request by `status`.
 
 Both views are built from the same rows so `sriov-rdma-agent status` and the dashboard never
-disagree. Nothing here polls: the rows are computed from the agent's current state when asked.
+disagree. Pure: the rows are computed from the plain state an ``ObservedAgent`` hands over when asked
+(agent.services.status is the one the app builds).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class _Registration(Protocol):
 
 
 class ObservedAgent(Protocol):
-    """The parts of agent.app.Agent that metrics and status read (all plain state)."""
+    """The agent's state that metrics and status read (all plain state)."""
 
     @property
     def config(self) -> Config: ...
@@ -61,7 +62,9 @@ class ObservedAgent(Protocol):
     @property
     def fences(self) -> Mapping[str, str]: ...
 
-    def in_pod(self) -> Collection[str]: ...
+    def held(self) -> Collection[str]:
+        """VFs pods hold, by the ledger's last word (no kubelet call)."""
+        ...
 
     @property
     def lifecycles(self) -> Mapping[str, _Registration]: ...
@@ -111,7 +114,7 @@ def pf_rows(agent: ObservedAgent) -> list[PfRow]:
 def vf_rows(agent: ObservedAgent, owners: Mapping[tuple[str, str], PodRef] | None) -> list[VfRow]:
     """Every advertised VF. "allocated" is the agent's ledger (PodResources, plus Allocates the kubelet
     has not listed yet; our own Allocate record alone when it cannot be asked); ``owners`` names pods."""
-    held = agent.in_pod()
+    held = agent.held()
     rows = []
     vfs = {vf.pci_address: vf for pf in agent.node.pfs.values() for vf in pf.vfs}
     for resource, view in sorted(agent.hub.views.items()):
@@ -142,7 +145,7 @@ def status_document(agent: ObservedAgent, owners: Mapping[tuple[str, str], PodRe
             "mtu": pf.netdev.mtu if pf.netdev else None,
             "vfs": pf.sriov_numvfs, "desired_vfs": row.desired_vfs, "max_vfs": pf.sriov_totalvfs,
             "eswitch_mode": row.eswitch_mode,
-            "reconcile": row.reconcile.state if row.reconcile else "",
+            "reconcile": row.reconcile.state.value if row.reconcile else "",
             "reconcile_reason": row.reconcile.message or row.reconcile.reason if row.reconcile else "",
             "rdma_device": pf.rdma.name if pf.rdma else "",
             "rdma_state": f"{port.state}: {port.state_name}" if port else "",

@@ -26,19 +26,17 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from agent.adapters.executor import Executor, error_reason
 from agent.adapters.fencestore import FenceStore
-from agent.core.discovery import PfMatch
+from agent.core.discovery import PfMatch, Resolution
 from agent.core.hygiene import RESETTING, baseline_actions, retry_delay
 from agent.core.inventory import NodeState
 from agent.errors import AgentError
 from agent.logs import ctx
 from agent.model import PfInfo, VfInfo
-
-if TYPE_CHECKING:
-    from agent.app import Agent
+from agent.stats import Stats
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +47,40 @@ RECHECK_MAX_S = 0.25
 RECHECK_WINDOW_S = 60.0
 
 
+class NodeView(Protocol):
+    """The node as last read, and a re-publication of its views (real: services.node.NodeInventory)."""
+
+    @property
+    def node(self) -> NodeState: ...
+
+    @property
+    def resolution(self) -> Resolution: ...
+
+    async def refresh_links(self, reason: str) -> None: ...
+
+
+class Holdings(Protocol):
+    """Which VFs pods hold (real: services.ledger.PodLedger; its releases reach ``released``)."""
+
+    def held(self) -> frozenset[str]: ...
+
+    async def refresh(self) -> frozenset[str]: ...
+
+
 class VfHygiene:
-    def __init__(self, agent: Agent, executor: Executor, node_name: str,
+    def __init__(self, *, state_dir: str, inventory: NodeView, ledger: Holdings, fences: dict[str, str],
+                 executor: Executor, node_name: str, stats: Stats,
+                 on_reset: Callable[[str, float], None] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.agent = agent
+        self.inventory = inventory
+        self.ledger = ledger
+        self.fences = fences  # VF -> why it is fenced; shared with the views and Allocate
         self.executor = executor
         self.node_name = node_name
+        self.stats = stats
+        self.on_reset = on_reset  # (resetOnRelease mode, seconds fenced) of each successful reset
         self.clock = clock
-        self.store = FenceStore(agent.settings.state_dir)
+        self.store = FenceStore(state_dir)
         self.jobs: dict[str, asyncio.Task[None]] = {}
         self.fenced_at: dict[str, float] = {}  # VF -> when it was fenced (reset duration counts from here)
         self._pf: dict[str, str] = {}  # fenced VF -> its PF (kept on disk)
@@ -70,11 +94,8 @@ class VfHygiene:
         self._wake = asyncio.Event()
         self._dirty = False  # fences changed outside a coroutine: republish the views
 
-    def install(self) -> None:
-        """Hook into the agent; VFs the last run left fenced are fenced before the first device list."""
-        self.agent.extra_tasks.append(self.run)
-        self.agent.node_listeners.append(self.node_changed)
-        self.agent.ledger.release_listeners.append(self.released)
+    def restore(self) -> None:
+        """VFs the last run left fenced are fenced again (before the first device list)."""
         for vf, pf in self.store.load().items():
             log.warning("VF left fenced by the previous run: resetting it again",
                         extra=ctx("fence", vf, pf=pf))
@@ -94,10 +115,10 @@ class VfHygiene:
         self._wake.set()
 
     def node_changed(self, node: NodeState) -> None:
-        """Agent listener, after every sysfs re-read: which held VF netdevs came home or left again."""
+        """Node listener, after every sysfs re-read: which held VF netdevs came home or left again."""
         vfs = {vf.pci_address: (pf, vf) for pf in node.pfs.values() for vf in pf.vfs}
         self._had_netdev |= {a for a, (_, vf) in vfs.items() if vf.netdev is not None}
-        held = self.agent.ledger.held()
+        held = self.ledger.held()
         home = {a for a in self._away if a in vfs and vfs[a][1].netdev is not None}
         away = {a for a in held if a in vfs and vfs[a][1].netdev is None and self._has_netdev(a, vfs[a][0])}
         if away - self._away:
@@ -107,7 +128,7 @@ class VfHygiene:
         self._away = away
         for vf in sorted(home & held):
             where = self._locate(vf)
-            if where is None or _mode(where[0]) == "none" or vf in self.agent.fences:
+            if where is None or _mode(where[0]) == "none" or vf in self.fences:
                 continue
             log.info("netdev of a held VF came home: fenced until PodResources releases it",
                      extra=ctx("fence", vf, pf=where[1].pci_address))
@@ -122,7 +143,7 @@ class VfHygiene:
         self._wake.set()
 
     # ------------------------------------------------------------ root task
-    async def run(self, agent: Agent) -> None:
+    async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
             while True:
                 timeout = None if self._recheck_at is None else max(0.0, self._recheck_at - self.clock())
@@ -137,11 +158,11 @@ class VfHygiene:
                 self._todo.clear()
                 if self._dirty:
                     self._dirty = False
-                    await self.agent.refresh_links("VF fence changed")
+                    await self.inventory.refresh_links("VF fence changed")
 
     async def _recheck(self) -> None:
         """Ask PodResources again for the VFs whose netdev came home (releases reach ``released``)."""
-        held = await self.agent.ledger.refresh()
+        held = await self.ledger.refresh()
         now = self.clock()
         for vf, until in list(self._watch.items()):
             if vf not in held:
@@ -161,7 +182,7 @@ class VfHygiene:
     async def _job(self, vf: str) -> None:
         failures = 0
         try:
-            while vf in self.agent.fences:
+            while vf in self.fences:
                 where = self._locate(vf)
                 if where is None:
                     log.info("fenced VF is gone from the node; nothing to reset", extra=ctx("reset", vf))
@@ -172,10 +193,10 @@ class VfHygiene:
                 if mode == "none":
                     self._unfence(vf)
                     break
-                if vf in await self.agent.ledger.refresh():
+                if vf in await self.ledger.refresh():
                     log.warning("a pod holds the fenced VF: left untouched, fence lifted",
                                 extra=ctx("reset", vf, pf=pf.pci_address))
-                    self.agent.stats.inc("vf_resets", pf=pf.pci_address, mode=mode, outcome="skipped_held")
+                    self.stats.inc("vf_resets", pf=pf.pci_address, mode=mode, outcome="skipped_held")
                     self._unfence(vf)
                     break
                 if info.netdev is None and self._has_netdev(vf, pf):
@@ -187,21 +208,21 @@ class VfHygiene:
                     failures += 1
                     delay = retry_delay(failures)
                     reason, _ = error_reason(e)
-                    self.agent.stats.inc("vf_resets", pf=pf.pci_address, mode=mode, outcome="failed")
-                    self.agent.fences[vf] = f"{RESETTING}: failed ({e}); retry in {delay:g}s"
+                    self.stats.inc("vf_resets", pf=pf.pci_address, mode=mode, outcome="failed")
+                    self.fences[vf] = f"{RESETTING}: failed ({e}); retry in {delay:g}s"
                     log.error("VF reset failed (attempt %d); retry in %gs: %s", failures, delay, e,
                               extra=ctx("reset", vf, pf=pf.pci_address, reason=reason))
-                    await self.agent.refresh_links("VF reset failed")
+                    await self.inventory.refresh_links("VF reset failed")
                     await asyncio.sleep(delay)
                     continue
                 seconds = self.clock() - self.fenced_at.get(vf, self.clock())
                 self._unfence(vf)
-                self.agent.stats.inc("vf_resets", pf=pf.pci_address, mode=mode, outcome="ok")
-                if self.agent.metrics is not None:
-                    self.agent.metrics.reset_seconds.labels(mode).observe(seconds)
+                self.stats.inc("vf_resets", pf=pf.pci_address, mode=mode, outcome="ok")
+                if self.on_reset is not None:
+                    self.on_reset(mode, seconds)
                 log.info("VF reset (%s) and offered again, %.0f ms after it was fenced", mode, seconds * 1000,
                          extra=ctx("reset", vf, pf=pf.pci_address))
-            await self.agent.refresh_links("VF offered again")
+            await self.inventory.refresh_links("VF offered again")
         finally:
             self.jobs.pop(vf, None)
 
@@ -215,16 +236,16 @@ class VfHygiene:
 
     # ------------------------------------------------------------ state
     def _fence(self, vf: str, pf: str) -> None:
-        if vf not in self.agent.fences:
+        if vf not in self.fences:
             self.fenced_at[vf] = self.clock()
-        self.agent.fences[vf] = RESETTING
+        self.fences[vf] = RESETTING
         self._pf[vf] = pf
         self.store.save(self._pf)
         self._dirty = True
         self._wake.set()
 
     def _unfence(self, vf: str) -> None:
-        self.agent.fences.pop(vf, None)
+        self.fences.pop(vf, None)
         self.fenced_at.pop(vf, None)
         self._pf.pop(vf, None)
         self.store.save(self._pf)
@@ -232,8 +253,8 @@ class VfHygiene:
         self._wake.set()
 
     def _locate(self, vf: str) -> tuple[PfMatch, PfInfo, VfInfo] | None:
-        for m in self.agent.resolution.matches:
-            pf = self.agent.node.pfs.get(m.pci_address)
+        for m in self.inventory.resolution.matches:
+            pf = self.inventory.node.pfs.get(m.pci_address)
             if pf is None:
                 continue
             for info in pf.vfs:

@@ -21,32 +21,30 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from agent.adapters.executor import Executor, Timeouts, VfNetlinkPort, error_reason, observe_pf
+from agent.adapters.executor import Executor, error_reason
 from agent.adapters.inotify import IN_CLOSE_WRITE, IN_CREATE, IN_DELETE, IN_MOVED_TO, Inotify
-from agent.adapters.netlink_vf import PyrouteVfNetlink
 from agent.config import Config, parse_config, read_config_bytes
 from agent.core.discovery import Resolution
+from agent.core.inventory import NodeState
 from agent.core.reconcile import (
     Action,
     Desired,
     Observed,
     PfDesired,
-    PfObserved,
     Refuse,
-    SetNumVfs,
     Warn,
     mutates,
     plan,
 )
-from agent.errors import AgentError, ConfigError, OperationTimeoutError, SysfsError
-from agent.guard import guarded
+from agent.errors import AgentError, ConfigError, SysfsError
 from agent.logs import ctx
-from agent.model import PfReconcileStatus
-
-if TYPE_CHECKING:
-    from agent.app import Agent
+from agent.model import PfReconcileStatus, ReconcileState
+from agent.services.guard import guarded
+from agent.services.node import LinkReader
+from agent.settings import Settings
+from agent.stats import Stats
 
 log = logging.getLogger(__name__)
 
@@ -65,17 +63,59 @@ class _Run:
     seen: set[Refuse | Warn] = field(default_factory=set)  # reported already (each round plans them again)
 
 
+class ConfigSource(Protocol):
+    """The config in force, and where a reloaded one goes (real: services.resources.ResourceSet)."""
+
+    @property
+    def config(self) -> Config: ...
+
+    def set_config(self, new: Config) -> None: ...
+
+
+class NodeObserver(Protocol):
+    """One read of the node (resolution + observation), published as the kubelet's views, and a plain
+    re-read (real: services.node.NodeInventory)."""
+
+    async def observe(self, reason: str, links: LinkReader,
+                      timeout: float) -> tuple[Resolution, NodeState]: ...
+
+    async def rescan(self, reason: str = "") -> None: ...
+
+
+class Holdings(Protocol):
+    """Which VFs pods hold, asked of the kubelet now (real: services.ledger.PodLedger)."""
+
+    @property
+    def unknown(self) -> str:
+        """Why holders are unknown after the last refresh ("" when PodResources answered)."""
+        ...
+
+    async def refresh(self) -> frozenset[str]: ...
+
+
+class ReconcileSink(Protocol):
+    """Where each reconcile's outcome goes (real: services.reporting.HealthReport)."""
+
+    def publish_reconcile_status(self, status: dict[str, PfReconcileStatus]) -> None: ...
+
+
 class Lifecycle:
-    def __init__(self, agent: Agent, netlink: VfNetlinkPort, timeouts: Timeouts | None = None, *,
+    def __init__(self, *, settings: Settings, resources: ConfigSource, node: NodeObserver, executor: Executor,
+                 ledger: Holdings, sink: ReconcileSink, stats: Stats, writes: bool,
                  startup_wait: float = 30.0, max_rounds: int = 4) -> None:
-        self.agent = agent
-        self.netlink = netlink
-        self.executor = Executor(agent.sysfs, netlink, timeouts)
+        self.settings = settings
+        self.resources = resources
+        self.node = node
+        self.executor = executor
+        self.ledger = ledger
+        self.sink = sink
+        self.stats = stats
+        self.writes = writes  # VFs are created and configured (the host's sysfs, or a faithful writer)
         self._timeouts = self.executor.timeouts  # before the config's lifecycle: section is applied
         self.startup_wait = startup_wait
         self.max_rounds = max_rounds
         self.config_error = ""  # why the last config reload was rejected ("" when it was accepted)
-        self._config_bytes = _read_bytes(agent.settings.config)
+        self._config_bytes = _read_bytes(settings.config)
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._reasons: list[str] = []
@@ -84,33 +124,31 @@ class Lifecycle:
         self._unknown_retries = 0  # reconciles in a row held back because pod holders were unknown
         self._retry: asyncio.TimerHandle | None = None
 
-    # ------------------------------------------------------------ wiring
-    def install(self) -> None:
-        """Hook into the agent: reconcile before serving, then watch for reasons to reconcile again.
-        With writes off only the config watcher runs (and says so once)."""
-        self.agent.extra_tasks.append(self.run)
-        if not self.agent.writes:
-            log.info("VF writes are off: --sysfs-root %s is not the host's sysfs, so VFs are only observed; "
-                     "config changes still apply to the served resources", self.agent.settings.sysfs_root,
-                     extra=ctx("startup"))
-            return
-        self.agent.before_serving.append(self.before_serving)
-        self.agent.pf_listeners.append(lambda pfs: self.trigger(f"PF appeared: {', '.join(sorted(pfs))}"))
-
+    # ------------------------------------------------------------ triggers
     def trigger(self, reason: str) -> None:
         self._reasons.append(reason)
         self._wake.set()
 
-    async def before_serving(self, agent: Agent) -> None:
-        """The startup reconcile; serving starts when it is done or after ``startup_wait`` at most."""
+    def pfs_appeared(self, pfs: frozenset[str]) -> None:
+        """A configured PF (re)appeared (a driver bound, a hot-plug): reconcile it."""
+        self.trigger(f"PF appeared: {', '.join(sorted(pfs))}")
+
+    async def before_serving(self) -> None:
+        """The startup reconcile; serving starts when it is done or after ``startup_wait`` at most.
+        With writes off there is nothing to reconcile (and that is said once)."""
+        if not self.writes:
+            log.info("VF writes are off: --sysfs-root %s is not the host's sysfs, so VFs are only observed; "
+                     "config changes still apply to the served resources", self.settings.sysfs_root,
+                     extra=ctx("startup"))
+            return
         self._first = asyncio.create_task(self.guarded("startup"), name="reconcile-startup")
-        wait = self.agent.config.lifecycle.startup_wait_s or self.startup_wait
+        wait = self.resources.config.lifecycle.startup_wait_s or self.startup_wait
         done, _ = await asyncio.wait({self._first}, timeout=wait)
         if not done:
             log.warning("startup reconcile still running after %gs; serving meanwhile", wait,
                         extra=ctx("reconcile"))
 
-    async def run(self, agent: Agent) -> None:
+    async def run(self) -> None:
         """Root task: finish the startup reconcile, then reconcile on config change and PF re-appearance."""
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.watch_config(), name="config-watch")  # a change during start-up counts
@@ -124,19 +162,19 @@ class Lifecycle:
                 if self._config_changed:
                     self._config_changed = False
                     # Resource set first (plugin servers, pinned VFs), then the VFs themselves.
-                    await guarded("apply config", self.agent.rescan, self.agent.stats)("config changed")
-                if self.agent.writes:
+                    await guarded("apply config", self.node.rescan, self.stats)("config changed")
+                if self.writes:
                     await self.guarded(why)
 
     async def guarded(self, trigger: str) -> None:
         """A reconcile whose unexpected failure is logged, counted and retried with backoff; serving
         goes on either way."""
-        await guarded("reconcile", self.reconcile, self.agent.stats)(trigger)
+        await guarded("reconcile", self.reconcile, self.stats)(trigger)
 
     # ------------------------------------------------------------ config hot-reload
     async def watch_config(self) -> None:
         """inotify on the config's directory: a ConfigMap update is an atomic ``..data`` symlink swap."""
-        path = Path(self.agent.settings.config)
+        path = Path(self.settings.config)
         ino = Inotify()
         try:
             try:
@@ -144,7 +182,7 @@ class Lifecycle:
             except SysfsError as e:
                 log.error("config hot-reload disabled: %s", e, extra=ctx("config-reload", str(path)))
                 await asyncio.Event().wait()
-            reload = guarded("config reload", self._reload_event, self.agent.stats)
+            reload = guarded("config reload", self._reload_event, self.stats)
             # The event generator is closed before the fd it reads, whatever ends the loop.
             async with contextlib.aclosing(ino.events()) as events:
                 async for ev in events:
@@ -163,25 +201,25 @@ class Lifecycle:
         Reading and parsing run in a worker thread: the file is bounded (agent.config), but even a
         large one must not stall health answers and ListAndWatch streams.
         """
-        path = self.agent.settings.config
+        path = self.settings.config
         try:
             new = await asyncio.to_thread(self._read_new_config, path, force)
         except ConfigError as e:
             self.config_error = str(e)
-            self.agent.stats.inc("config_reloads", result="invalid")
+            self.stats.inc("config_reloads", result="invalid")
             log.error("new config rejected; keeping the last good one: %s", e,
                       extra=ctx("config-reload", path))
             return False
         if new is None:
             return True
         self.config_error = ""
-        self.agent.stats.inc("config_reloads", result="ok")
-        old_names = {r.resource_name for r in self.agent.config.resources}
+        self.stats.inc("config_reloads", result="ok")
+        old_names = {r.resource_name for r in self.resources.config.resources}
         new_names = {r.resource_name for r in new.resources}
         if old_names != new_names:
             log.info("resources change (%s -> %s): applying live; unchanged resources are not disturbed",
                      sorted(old_names), sorted(new_names), extra=ctx("config-reload", path))
-        self.agent.set_config(new)
+        self.resources.set_config(new)
         log.info("config reloaded", extra=ctx("config-reload", path))
         self._config_changed = True
         self.trigger("config changed")
@@ -204,18 +242,19 @@ class Lifecycle:
         """Plan and apply until the node matches the config (or only refusals are left)."""
         async with self._lock:
             started = time.monotonic()
-            config = self.agent.config
+            config = self.resources.config
             t, base = config.lifecycle, self._timeouts
             self.executor.timeouts = replace(base, sysfs_write=t.sysfs_write_s or base.sysfs_write,
                                              vf_wait=t.vf_wait_s or base.vf_wait)
-            res = await self.executor.call("resolve", "resolve PFs", self.executor.timeouts.netlink,
-                                           self.agent.resolve)
+            res, node = await self.observe()
             desired = self.desired(config, res)
             run = _Run()
             observed = Observed({})
             todo: list[Action] = []
             for _ in range(self.max_rounds):
-                observed = await self.observe(desired)
+                held = await self.ledger.refresh()
+                observed = Observed({p.pci_address: node.pfs[p.pci_address] for p in desired.pfs
+                                     if p.pci_address in node.pfs}, held, self.ledger.unknown)
                 live = Desired(tuple(p for p in desired.pfs if p.pci_address not in run.failed))
                 actions = plan(live, observed)
                 self._note(actions, run)
@@ -223,7 +262,7 @@ class Lifecycle:
                 if not todo:
                     break
                 await self._apply(todo, run)
-                await self.agent.rescan("reconcile")
+                _, node = await self.observe()  # the next round's observation, published at once
             else:
                 for a in todo:
                     run.failed.setdefault(a.pf, ("not_converged", f"still to do: {a.describe()}"))
@@ -258,13 +297,13 @@ class Lifecycle:
                 reason, hint = error_reason(e)
                 message = f"{e}; {hint}" if hint else str(e)
                 failed[action.pf] = (reason, message)
-                self.agent.stats.inc("reconcile_errors", pf=action.pf, reason=reason)
+                self.stats.inc("reconcile_errors", pf=action.pf, reason=reason)
                 log.error("%s failed: %s", action.describe(), message,
                           extra=ctx("reconcile", action.pf, pf=action.pf, reason=reason))
                 continue
             if mutates(action):
                 applied[action.pf] += 1
-                self.agent.stats.inc("reconcile_actions", pf=action.pf, action=action.kind)
+                self.stats.inc("reconcile_actions", pf=action.pf, action=action.kind)
             log.info("%s", action.describe(), extra=ctx(action.kind, action.pf, pf=action.pf))
 
     def _note(self, actions: Iterable[Action], run: _Run) -> None:
@@ -275,7 +314,7 @@ class Lifecycle:
                 continue
             run.seen.add(a)
             if isinstance(a, Refuse):
-                self.agent.stats.inc("reconcile_errors", pf=a.pf, reason=a.reason)
+                self.stats.inc("reconcile_errors", pf=a.pf, reason=a.reason)
                 log.error("refused: %s", a.message, extra=ctx("reconcile", a.pf, pf=a.pf, reason=a.reason))
             else:
                 log.warning("%s", a.message, extra=ctx("reconcile", a.pf, pf=a.pf, reason=a.reason))
@@ -285,7 +324,7 @@ class Lifecycle:
     @functools.cached_property
     def node_name(self) -> str:
         """Seeds stable MACs; the host name (hostNetwork) when --node-name is not set, never ""."""
-        return self.agent.settings.node_name or socket.gethostname()
+        return self.settings.node_name or socket.gethostname()
 
     def desired(self, config: Config, res: Resolution) -> Desired:
         rdma = {r.resource_name: r.rdma for r in config.resources}
@@ -294,27 +333,9 @@ class Lifecycle:
                       self.node_name)
             for m in res.matches))
 
-    async def observe(self, desired: Desired) -> Observed:
-        in_use = await self.agent.held_devices()
-        pfs: dict[str, PfObserved] = {}
-        for p in desired.pfs:
-            try:
-                found = await self.executor.call(f"observe {p.pci_address}", "observe PF",
-                                                 self.executor.timeouts.netlink,
-                                                 functools.partial(self.observe_pf, p.pci_address))
-            except OperationTimeoutError as e:
-                log.error("%s", e, extra=ctx("reconcile", p.pci_address))
-                continue
-            if found is not None:
-                pfs[p.pci_address] = found
-        return Observed(pfs, in_use, self.agent.ledger.unknown)
-
-    def observe_pf(self, address: str) -> PfObserved | None:
-        try:
-            return observe_pf(self.agent.sysfs, self.netlink, address)
-        except SysfsError as e:
-            log.error("cannot read PF: %s", e, extra=ctx("reconcile", address))
-            return None
+    async def observe(self) -> tuple[Resolution, NodeState]:
+        """One read of the node for a round: sysfs with rtnetlink and devlink, one resolution."""
+        return await self.node.observe("reconcile", self.executor.netlink, self.executor.timeouts.netlink)
 
     def _publish(self, config: Config, res: Resolution, desired: Desired, observed: Observed,
                  run: _Run) -> None:
@@ -324,55 +345,39 @@ class Lifecycle:
         for p in desired.pfs:
             have = observed.pfs.get(p.pci_address)
             note = notes.get(p.pci_address)
-            state, reason, message = "ok", "", ""
+            state, reason, message = ReconcileState.OK, "", ""
             if p.config.externally_managed:
-                state = "external"
+                state = ReconcileState.EXTERNAL
             if note is not None:
                 reason, message = note.reason, note.message
                 if isinstance(note, Refuse):
-                    state = "refused"
+                    state = ReconcileState.REFUSED
             if p.pci_address in failed:
                 reason, message = failed[p.pci_address]
-                state = "hung" if self.executor.hung(p.pci_address) else "error"
+                state = ReconcileState.HUNG if self.executor.hung(p.pci_address) else ReconcileState.ERROR
             status[p.pci_address] = PfReconcileStatus(
                 pf=p.pci_address, resource=p.resource, state=state, desired_vfs=p.config.num_vfs,
-                actual_vfs=have.numvfs if have else None, total_vfs=have.totalvfs if have else None,
+                actual_vfs=have.sriov_numvfs if have else None,
+                total_vfs=have.sriov_totalvfs if have else None,
                 eswitch_mode=have.eswitch_mode if have else None, reason=reason, message=message,
                 actions_applied=applied.get(p.pci_address, 0), updated_at=now)
         matched = {(m.resource.resource_name, m.pf.selector) for m in res.matches}
         for r, pf in config.all_pfs():
             if (r.resource_name, pf.selector) not in matched:
                 key = pf.selector.describe()
-                status[key] = PfReconcileStatus(pf=key, resource=r.resource_name, state="not_found",
-                                                desired_vfs=pf.num_vfs, reason="pf_not_found",
-                                                message="no such PF on this node", updated_at=now)
-        self.agent.publish_reconcile_status(status)
+                status[key] = PfReconcileStatus(
+                    pf=key, resource=r.resource_name, state=ReconcileState.NOT_FOUND, desired_vfs=pf.num_vfs,
+                    reason="pf_not_found", message="no such PF on this node", updated_at=now)
+        self.sink.publish_reconcile_status(status)
 
-
-async def dry_run(agent: Agent, netlink: VfNetlinkPort) -> tuple[Action, ...]:
-    """The first round of the plan for this node, computed from a real observation; nothing is written."""
-    lc = Lifecycle(agent, netlink)
-    res = agent.resolve()
-    for problem in res.problems:
-        log.error("%s", problem, extra=ctx("dry-run"))
-    desired = lc.desired(agent.config, res)
-    return plan(desired, await lc.observe(desired))
-
-
-async def print_dry_run(agent: Agent, netlink: VfNetlinkPort | None = None) -> int:
-    """`serve --dry-run`: print what a reconcile would do now and exit."""
-    print(format_plan(await dry_run(agent, netlink or PyrouteVfNetlink())))
-    return 0
-
-
-def format_plan(actions: tuple[Action, ...]) -> str:
-    if not actions:
-        return "Plan: nothing to change (the node is in the desired state)."
-    lines = ["Plan (dry run, nothing written):"]
-    lines += [f"  {i}. {a.describe()}" for i, a in enumerate(actions, 1)]
-    if any(isinstance(a, SetNumVfs) for a in actions):
-        lines.append("  VF settings (driver, MAC, trust, ...) are planned once the new VFs exist.")
-    return "\n".join(lines)
+    async def dry_run(self) -> tuple[Action, ...]:
+        """The first round of the plan for this node, computed from a real observation; nothing is written."""
+        res, node = await self.observe()
+        for problem in res.problems:
+            log.error("%s", problem, extra=ctx("dry-run"))
+        desired = self.desired(self.resources.config, res)
+        held = await self.ledger.refresh()
+        return plan(desired, Observed(node.pfs, held, self.ledger.unknown))
 
 
 def _read_bytes(path: str) -> bytes | None:

@@ -1,7 +1,8 @@
-"""Wiring between the kernel's device events and the agent's views (part of the composition root).
+"""Between the kernel's device events and the agent's views.
 
 The link watcher (netlink) and the uevent watcher (udev / kernel uevents) feed this; each event
-that concerns a served device triggers ``Agent.rescan``, which reads sysfs, overlays netlink's
+that concerns a served device triggers a rescan of the node (services.node.NodeInventory, through
+the ``NodeRefresher`` port), which reads sysfs, overlays netlink's
 link state (``overlay``) and debounces recoveries (``settle``) before the views are published to
 the ListAndWatch streams. One timer task re-reads the node when a recovery has settled and a
 little after each link event, because mlx5 moves the RoCE port to ACTIVE shortly after carrier
@@ -17,7 +18,7 @@ import contextlib
 import time
 from collections.abc import Callable, Collection, Coroutine
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from agent.adapters.netlink import DEFAULT_RESYNC_S, Links, LinkWatcher
 from agent.adapters.udev import DeviceEvent, Source, UeventWatcher, describe
@@ -30,12 +31,9 @@ from agent.core.health import (
     link_state_only,
     with_links,
 )
-from agent.guard import guarded
 from agent.model import PfInfo, ResourceView
+from agent.services.guard import guarded
 from agent.stats import Stats
-
-if TYPE_CHECKING:
-    from agent.app import Agent
 
 # Re-read RDMA port state this long after the latest link or device event (seconds).
 FOLLOW_UP_S = (0.5, 2.0)
@@ -43,11 +41,22 @@ FOLLOW_UP_S = (0.5, 2.0)
 RETRY_FIRST_S = 0.5
 RETRY_MAX_S = 30.0
 
-Task = Callable[["Agent"], Coroutine[Any, Any, None]]
+Task = Callable[[], Coroutine[Any, Any, None]]
+
+
+class NodeRefresher(Protocol):
+    """What events ask of the node (real: services.node.NodeInventory)."""
+
+    async def rescan(self, reason: str = "") -> None: ...
+
+    async def refresh_links(self, reason: str) -> None: ...
+
+    def watched_names(self) -> set[str]: ...
 
 
 @dataclass
 class HealthWatch:
+    stats: Stats = field(default_factory=Stats)
     settle_s: float = DEFAULT_SETTLE_S
     clock: Callable[[], float] = time.monotonic
     links: dict[str, LinkObservation] = field(default_factory=dict)  # netlink's latest word, by name
@@ -56,7 +65,7 @@ class HealthWatch:
     rereads: set[float] = field(default_factory=set)  # read sysfs again (RDMA port state)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
 
-    # ------------------------------------------------------------ used by Agent.rescan
+    # ------------------------------------------------------------ used by each rescan
     def overlay(self, pf: PfInfo) -> PfInfo:
         return with_links(pf, self.links)
 
@@ -79,53 +88,56 @@ class HealthWatch:
         return settled
 
     # ------------------------------------------------------------ event handlers
-    async def on_links(self, agent: Agent, before: Links, after: Links, reason: str) -> None:
+    async def on_links(self, node: NodeRefresher, before: Links, after: Links, reason: str) -> None:
         self.links = {o.name: o for o in after.values()}
-        watched = watched_names(agent)
+        watched = node.watched_names()
         changed = [i for i in before.keys() | after.keys()
                    if link_matters(before.get(i), after.get(i), watched)]
         if not changed:
             return
         if all(link_state_only(before.get(i), after.get(i)) for i in changed):
-            await agent.refresh_links(reason)  # carrier/admin flip: no sysfs walk on the hot path
+            await node.refresh_links(reason)  # carrier/admin flip: no sysfs walk on the hot path
             if any(_came_up(before.get(i), after.get(i)) or _came_up(after.get(i), before.get(i))
                    for i in changed):
                 # The RoCE port follows its netdev a moment later, both ways (a VF netdev going down
                 # takes the VF's port DOWN; only sysfs shows it): read it again.
                 self._follow_up()
         else:
-            await agent.rescan(reason)
+            await node.rescan(reason)
             self._follow_up()
 
-    async def on_uevents(self, agent: Agent, events: list[DeviceEvent], overflowed: bool) -> None:
-        watched = watched_names(agent)
+    async def on_uevents(self, node: NodeRefresher, events: list[DeviceEvent], overflowed: bool) -> None:
+        watched = node.watched_names()
         if overflowed or any(e.matters(watched) for e in events):
-            await agent.rescan("uevent queue overflowed" if overflowed else describe(events))
+            await node.rescan("uevent queue overflowed" if overflowed else describe(events))
             self._follow_up()
 
     # ------------------------------------------------------------ root tasks
-    def link_task(self, netns: str | None = None, resync_s: float = DEFAULT_RESYNC_S) -> Task:
-        async def link_watcher(agent: Agent) -> None:
-            watcher = LinkWatcher(netns=netns, resync_s=resync_s, stats=agent.stats)
-            on_links = guarded("netlink event", self.on_links, agent.stats)
-            await watcher.run(lambda b, a, r: on_links(agent, b, a, r))
+    def link_task(self, node: NodeRefresher, netns: str | None = None,
+                  resync_s: float = DEFAULT_RESYNC_S) -> Task:
+        async def link_watcher() -> None:
+            watcher = LinkWatcher(netns=netns, resync_s=resync_s, stats=self.stats)
+            on_links = guarded("netlink event", self.on_links, self.stats)
+            await watcher.run(lambda b, a, r: on_links(node, b, a, r))
         return link_watcher
 
-    def uevent_task(self, source: Source | None = None, netns: str | None = None) -> Task:
-        async def uevent_watcher(agent: Agent) -> None:
-            watcher = UeventWatcher(source=source, netns=netns, stats=agent.stats)
-            on_uevents = guarded("uevent", self.on_uevents, agent.stats)
-            await watcher.run(lambda evs, over: on_uevents(agent, evs, over))
+    def uevent_task(self, node: NodeRefresher, source: Source | None = None,
+                    netns: str | None = None) -> Task:
+        async def uevent_watcher() -> None:
+            watcher = UeventWatcher(source=source, netns=netns, stats=self.stats)
+            on_uevents = guarded("uevent", self.on_uevents, self.stats)
+            await watcher.run(lambda evs, over: on_uevents(node, evs, over))
         return uevent_watcher
 
-    def host_tasks(self) -> list[Task]:
-        """The watchers a node agent runs in the host network namespace."""
-        return [self.link_task(), self.uevent_task()]
+    def timer_task(self, node: NodeRefresher) -> Task:
+        async def timer() -> None:
+            await self.timer(node)
+        return timer
 
-    async def timer(self, agent: Agent) -> None:
+    async def timer(self, node: NodeRefresher) -> None:
         """At each deadline: re-read sysfs (follow-ups), or just re-judge (a recovery settled)."""
-        rescan = guarded("timer rescan", agent.rescan, agent.stats)
-        refresh = guarded("timer refresh", agent.refresh_links, agent.stats)
+        rescan = guarded("timer rescan", node.rescan, self.stats)
+        refresh = guarded("timer refresh", node.refresh_links, self.stats)
         while True:
             upcoming = min(self.deadlines | self.rereads, default=None)
             timeout = None if upcoming is None else max(0.0, upcoming - self.clock())
@@ -166,11 +178,3 @@ def _came_up(before: LinkObservation | None, after: LinkObservation | None) -> b
     def usable(o: LinkObservation | None) -> bool:
         return o is not None and o.admin_up and o.carrier
     return usable(after) and not usable(before)
-
-
-def watched_names(agent: Agent) -> set[str]:
-    """Netdev names of every served PF and VF, plus the PF names the config asks for."""
-    names = {pf.selector.pf_name for _, pf in agent.config.all_pfs() if pf.selector.pf_name}
-    for pf in agent.node.pfs.values():
-        names.update(nd.name for nd in (pf.netdev, *(vf.netdev for vf in pf.vfs)) if nd is not None)
-    return names
