@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import fields
 
-from agent import __version__
+from agent import __version__, entry
 from agent.adapters.nodelock import NodeLock, lock_name
 from agent.adapters.status_server import fetch_status
 from agent.app import HOST_WATCHERS, App, build_agent, load_config
@@ -147,6 +147,8 @@ async def _serve(settings: Settings, agent: App, lock: NodeLock) -> int:
         loop.add_signal_handler(sig, stop.set)
     reloads: set[asyncio.Task[None]] = set()
     loop.add_signal_handler(signal.SIGHUP, _on_sighup, agent, reloads)
+    if entry.take_early_sighup():  # asked for while starting: the config may have changed since it was read
+        _on_sighup(agent, reloads)
     await agent.start_observability()
     runner = asyncio.create_task(agent.run())
     waiter = asyncio.create_task(stop.wait())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -203,6 +204,53 @@ def test_sighup_reloads_the_config_and_keeps_serving(spawn: Spawn, sim_node: Sim
         assert resp.envs["PCIDEVICE_NVIDIA_COM_CX7_QSFP"] == PF0_VFS[0]
         assert serve.stop() == 0
         assert not os.path.exists(sock)
+        await kubelet.stop()
+
+    asyncio.run(body())
+
+
+def _catches(pid: int, sig: int) -> bool:
+    """Has the process a handler for ``sig`` yet (SigCgt in /proc/<pid>/status)?"""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
+SLOW_START = """
+import importlib.abc, sys, time
+
+class SlowCli(importlib.abc.MetaPathFinder):  # a cold page cache on a node boot: imports take a while
+    def find_spec(self, name, path, target=None):
+        if name == "agent.cli":
+            time.sleep(1.0)
+        return None
+
+sys.meta_path.insert(0, SlowCli())
+"""
+
+
+def test_a_sighup_while_starting_is_a_reload_not_the_end(spawn: Spawn, sim_node: SimNode, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGHUP that lands while the agent is still importing (Flux and operators send it whenever
+    they like) is remembered and applied once serving starts; SIGHUP's default would end the process."""
+    (tmp_path / "sitecustomize.py").write_text(SLOW_START)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+
+    async def body() -> None:
+        s = serve_settings(sim_node.root)
+        Path(s.config).write_text(CX7_CONFIG)
+        kubelet = FakeKubelet(s.device_plugin_dir)
+        await kubelet.start()
+        serve = spawn(s)
+        await until(lambda: _catches(serve.pid, signal.SIGHUP) or not serve.alive(), 30)
+        assert not [x for x in serve.lines() if x["msg"].startswith("starting")]  # still importing
+        serve.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+        await kubelet.wait_for(lambda: len(kubelet.healthy(RESOURCE)) == 4, timeout=30)
+        await serve.wait_log(lambda x: x["msg"] == "config reloaded")
+        assert serve.alive(), serve.text()
+        assert serve.stop() == 0
         await kubelet.stop()
 
     asyncio.run(body())
