@@ -76,8 +76,8 @@ class NodeObserver(Protocol):
     """One read of the node (resolution + observation), published as the kubelet's views, and a plain
     re-read (real: services.node.NodeInventory)."""
 
-    async def observe(self, reason: str, links: LinkReader,
-                      timeout: float) -> tuple[Resolution, NodeState]: ...
+    async def observe(self, reason: str, links: LinkReader, timeout: float, *,
+                      adopt: bool = True) -> tuple[Resolution, NodeState]: ...
 
     async def rescan(self, reason: str = "") -> None: ...
 
@@ -372,7 +372,8 @@ class Lifecycle:
 
     async def dry_run(self) -> tuple[Action, ...]:
         """The first round of the plan for this node, computed from a real observation; nothing is written."""
-        res, node = await self.observe()
+        res, node = await self.node.observe("dry run", self.executor.netlink, self.executor.timeouts.netlink,
+                                            adopt=False)
         for problem in res.problems:
             log.error("%s", problem, extra=ctx("dry-run"))
         desired = self.desired(self.resources.config, res)

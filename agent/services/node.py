@@ -149,11 +149,13 @@ class NodeInventory:
         return names
 
     # ------------------------------------------------------------ publishing
-    async def observe(self, reason: str, links: LinkReader,
-                      timeout: float) -> tuple[Resolution, NodeState]:
+    async def observe(self, reason: str, links: LinkReader, timeout: float, *,
+                      adopt: bool = True) -> tuple[Resolution, NodeState]:
         """A reconcile round's one read of the node (with ``links``), published like any rescan: the
         planner and the kubelet's views derive from the same observation. Raises when the read fails
-        or takes longer than ``timeout`` (a hung kernel call): the reconcile then retries."""
+        or takes longer than ``timeout`` (a hung kernel call): the reconcile then retries.
+        ``adopt=False`` (`serve --dry-run`) only reads: no listener runs, nothing is published or
+        written (device-info files included)."""
         async with self._scan_lock:
             keep = self._keep()
             try:
@@ -162,6 +164,8 @@ class NodeInventory:
             except TimeoutError:
                 raise OperationTimeoutError("read the node", "node", timeout,
                                             "a sysfs or netlink read did not return") from None
+            if not adopt:
+                return res, node
             await self._adopt(res, node, reason)
         return self.resolution, self.node
 

@@ -192,7 +192,8 @@ def test_serve_dry_run_prints_the_plan_and_changes_nothing(sim_root: Path) -> No
     out = subprocess.run(
         [sys.executable, "-m", "agent", "serve", "--dry-run", "--config", settings.config,
          "--sysfs-root", settings.sysfs_root, "--dev-root", settings.dev_root,
-         "--device-plugin-dir", settings.device_plugin_dir,
+         "--device-plugin-dir", settings.device_plugin_dir, "--devinfo-dir", settings.devinfo_dir,
+         "--state-dir", settings.state_dir, "--status-socket", settings.status_socket,
          "--pod-resources-socket", settings.pod_resources_socket, "--log-level", "error"],
         capture_output=True, text=True, timeout=60, check=True).stdout
     assert out.splitlines()[:4] == [
@@ -201,7 +202,10 @@ def test_serve_dry_run_prints_the_plan_and_changes_nothing(sim_root: Path) -> No
         f"  2. {PF}: write 4 to sriov_numvfs",
         f"  3. {PF}: wait for 4 VFs bound and their netdev/RDMA devices present",
     ]
-    assert numvfs.read_text() == "2\n" and not os.path.exists(settings.device_plugin_dir)
+    assert numvfs.read_text() == "2\n"
+    written = (settings.device_plugin_dir, settings.devinfo_dir, settings.state_dir, settings.status_socket)
+    for path in written:
+        assert not os.path.exists(path), f"--dry-run wrote {path}"
 
 
 def test_a_restarted_agent_destroys_no_vf_while_podresources_does_not_answer(sim_root: Path) -> None:
