@@ -333,9 +333,10 @@ class Lifecycle:
                       self.node_name)
             for m in res.matches))
 
-    async def observe(self) -> tuple[Resolution, NodeState]:
+    async def observe(self, reason: str = "reconcile", *, adopt: bool = True) -> tuple[Resolution, NodeState]:
         """One read of the node for a round: sysfs with rtnetlink and devlink, one resolution."""
-        return await self.node.observe("reconcile", self.executor.netlink, self.executor.timeouts.netlink)
+        return await self.node.observe(reason, self.executor.netlink, self.executor.timeouts.netlink,
+                                       adopt=adopt)
 
     def _publish(self, config: Config, res: Resolution, desired: Desired, observed: Observed,
                  run: _Run) -> None:
@@ -372,8 +373,7 @@ class Lifecycle:
 
     async def dry_run(self) -> tuple[Action, ...]:
         """The first round of the plan for this node, computed from a real observation; nothing is written."""
-        res, node = await self.node.observe("dry run", self.executor.netlink, self.executor.timeouts.netlink,
-                                            adopt=False)
+        res, node = await self.observe("dry run", adopt=False)
         for problem in res.problems:
             log.error("%s", problem, extra=ctx("dry-run"))
         desired = self.desired(self.resources.config, res)
